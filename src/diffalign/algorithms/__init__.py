@@ -1,1 +1,31 @@
-"""algorithms"""
+"""Alignment methods, one file per family; ``get(method)`` resolves a method name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import ddpo, grpo
+
+# method name -> (config class, algorithm class, preset overrides of the config defaults)
+METHODS: dict[str, tuple[type, type, dict[str, Any]]] = {
+    **{name: (grpo.GRPOConfig, grpo.GRPO, preset) for name, preset in grpo.PRESETS.items()},
+    **{name: (ddpo.DDPOConfig, ddpo.DDPO, preset) for name, preset in ddpo.PRESETS.items()},
+}
+
+
+def names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get(method: str) -> tuple[type, type, dict[str, Any]]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {names()}")
+    return METHODS[method]
+
+
+def build_config(method: str, overrides: dict[str, Any] | None = None):
+    """The method's config: its dataclass defaults, then its preset, then the user's values."""
+    from ..config import from_dict, merge
+
+    cfg_cls, _, preset = get(method)
+    return from_dict(cfg_cls, merge(preset, overrides or {}), path="algorithm")

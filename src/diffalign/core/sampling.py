@@ -137,3 +137,36 @@ def sample(
         t=ts,
         sde_mask=sde_mask,
     )
+
+
+def seeded_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """Initial noise ``[len(seeds), *shape]``, image ``i`` drawn from its own seed, so an image
+    depends only on its seed -- not on the batch it was drawn in -- and models can be compared
+    on identical noise."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(
+        device=device, dtype=dtype)
+
+
+def generate(model: Any, prompts: list[str], seeds: list[int], *, sampler: str = "flow_ode", num_steps: int = 10,
+             guidance_scale: float = 1.0, eta: float | None = None, batch_size: int = 256) -> Tensor:
+    """Prompts -> images ``[B, 3, H, W]`` in ``[0, 1]`` for a model with ``encode_prompts``,
+    ``sample_shape`` and ``decode`` (the shapes models and the diffusers adapter). No gradients.
+
+    Stochastic samplers draw their per-step noise from a generator seeded with ``seeds[0]`` of
+    each batch, so the call is deterministic for given seeds and batch size.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; need one seed per image")
+    device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            p, s = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
+            cond = model.encode_prompts(p)
+            uncond = model.encode_prompts([""] * len(p)) if guidance_scale != 1.0 else None
+            noise = seeded_noise(model.sample_shape, s, device)
+            traj = sample(model, cond, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+                          noise=noise, uncond=uncond, eta=eta, generator=torch.Generator(device).manual_seed(s[0]))
+            out.append(model.decode(traj.x0).float().cpu())
+    return torch.cat(out)

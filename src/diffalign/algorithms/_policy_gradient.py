@@ -1,0 +1,186 @@
+"""The policy-gradient core shared by Flow-GRPO / DanceGRPO / MixGRPO (``grpo.py``) and DDPO
+(``ddpo.py``): re-scoring stored trajectory steps under the current policy, the PPO clipped
+objective (Schulman et al. 2017) or REINFORCE, and the closed-form KL between the Gaussian steps
+of the policy and of the reference model (Flow-GRPO Eq. 12; DPOK, Fan et al. 2023).
+
+Each method file only says how it samples, which steps it trains on and how it turns rewards
+into advantages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from ..config import check_choice, check_positive, check_range
+from ..core.parametrization import cond_index, guided_prediction
+from ..core.steps import SAMPLERS, get_step
+from ._rollout import Batch, reward_stats, rollout
+
+
+@dataclass
+class PolicyGradientConfig:
+    group_size: int = 8  # G: images per prompt
+    batch_size: int = 64  # images per rollout (batch_size / G prompts per epoch)
+    sampler: str = "flow_sde"  # stochastic sampler of the policy
+    eta: float = 0.7  # its noise level (flow_sde: a; dance_sde: eta; ddim: eta)
+    num_steps: int = 10  # T: sampling steps
+    guidance_scale: float = 3.0  # CFG scale used by the policy (sampling and training)
+    loss: str = "ppo"  # "ppo" (clipped ratio) or "reinforce" (score function, DDPO-SF)
+    clip_range: float = 1e-3  # epsilon of PPO's clip
+    adv_clip_max: float = 5.0  # advantages are clipped to [-A, A]
+    beta: float = 0.0  # KL(policy || reference) coefficient
+    timestep_fraction: float = 1.0  # share of the stochastic steps trained on per epoch
+    inner_epochs: int = 1  # PPO passes over each rollout batch
+    micro_batch_size: int = 32  # samples per forward pass
+    steps_per_epoch: int = 1  # optimiser steps per pass (the batch is split into this many chunks)
+
+    def __post_init__(self) -> None:
+        for name in ("group_size", "batch_size", "num_steps", "inner_epochs", "micro_batch_size",
+                     "steps_per_epoch"):
+            check_positive(name, getattr(self, name), integer=True)
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {self.group_size}")
+        check_choice("sampler", self.sampler, [s for s in SAMPLERS if s != "flow_ode"])
+        check_choice("loss", self.loss, ["ppo", "reinforce"])
+        check_range("eta", self.eta, 0, 2)
+        check_range("guidance_scale", self.guidance_scale, 0, None)
+        check_positive("clip_range", self.clip_range)
+        check_positive("adv_clip_max", self.adv_clip_max)
+        check_range("beta", self.beta, 0, None)
+        check_range("timestep_fraction", self.timestep_fraction, 0, 1, lo_open=True)
+        if self.batch_size % self.group_size:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of group_size={self.group_size} "
+                             "(every prompt gets a full group)")
+        if self.batch_size % self.steps_per_epoch:
+            raise ValueError(f"steps_per_epoch={self.steps_per_epoch} must divide batch_size={self.batch_size}")
+
+    @property
+    def prompts_per_epoch(self) -> int:
+        return self.batch_size // self.group_size
+
+
+@dataclass
+class MicroBatch:
+    """A view of a rollout ``Batch``: some of its samples at one trajectory step."""
+
+    batch: Batch
+    idx: Tensor  # sample indices into the Batch
+    step: int  # trajectory step j (x_{t_j} -> x_{t_{j+1}})
+
+
+def gaussian_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
+    """``KL(N(mean, std^2) || N(mean_ref, std^2))`` averaged over non-batch dims (shared std)."""
+    std = std.expand_as(mean).float()
+    kl = (mean.float() - mean_ref.float()) ** 2 / (2 * std.clamp_min(1e-12) ** 2)
+    return kl.mean(dim=tuple(range(1, mean.ndim)))
+
+
+def ppo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, dict]:
+    """PPO's clipped surrogate ``max(-A r, -A clip(r, 1-eps, 1+eps))`` with ``r = exp(log p - log p_old)``."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {"clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+                 "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
+                 "ratio_mean": ratio.mean().item()}
+    return loss, stats
+
+
+def reinforce_loss(log_prob: Tensor, advantages: Tensor) -> Tensor:
+    """Score-function estimator (DDPO-SF): ``-A * log p``."""
+    return -(advantages * log_prob).mean()
+
+
+class OnlinePolicyGradient:
+    """``collect`` samples and scores; ``minibatches`` plans the update; ``loss`` scores one micro-batch."""
+
+    name = "policy_gradient"
+
+    def __init__(self, cfg: PolicyGradientConfig, *, reward: Callable, reference: Callable | None = None):
+        if cfg.beta > 0 and reference is None:
+            raise ValueError(f"beta={cfg.beta} needs a reference model")
+        self.cfg, self.reward, self.reference = cfg, reward, reference
+        self.step_fn = get_step(cfg.sampler)
+
+    # -- hooks for the method files -----------------------------------------------------------
+    def sde_steps(self, epoch: int, generator: torch.Generator) -> list[int] | None:
+        return None
+
+    def advantages(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    # -- the Algorithm protocol ---------------------------------------------------------------
+    def collect(self, model, prompts: list[str], *, epoch: int, seed: int) -> Batch:
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(seed)
+        batch = rollout(model, prompts, self.reward, group_size=cfg.group_size, sampler=cfg.sampler,
+                        num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                        sde_steps=self.sde_steps(epoch, gen), seed=seed)
+        adv = self.advantages(batch)
+        batch.advantages = torch.where(batch.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        batch.info.update(reward_stats(batch))
+        return batch
+
+    def train_steps(self, batch: Batch, generator: torch.Generator) -> list[int]:
+        """The stochastic steps trained on this epoch (a random ``timestep_fraction`` of them)."""
+        steps = [j for j in range(len(batch.sde_mask)) if batch.sde_mask[j]]
+        if not steps:
+            raise ValueError(f"{self.name}: no stochastic step to train on (sampler {self.cfg.sampler!r}, eta "
+                             f"{self.cfg.eta}); the policy has no log-probs")
+        k = max(1, round(self.cfg.timestep_fraction * len(steps)))
+        order = torch.randperm(len(steps), generator=generator)[:k].sort().values
+        return [steps[i] for i in order]
+
+    def minibatches(self, batch: Batch, generator: torch.Generator) -> Iterator[list[MicroBatch]]:
+        """One list of micro-batches per optimiser step: each step covers a chunk of samples on every
+        trained timestep (gradients accumulate over timesteps, as in Flow-GRPO and DDPO)."""
+        cfg = self.cfg
+        perm = torch.randperm(len(batch), generator=generator)
+        steps = self.train_steps(batch, generator)
+        for chunk in perm.chunk(cfg.steps_per_epoch):
+            yield [MicroBatch(batch, idx, j) for j in steps for idx in chunk.split(cfg.micro_batch_size)]
+
+    def loss(self, model, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
+        cfg, batch, idx, j = self.cfg, micro.batch, micro.idx, micro.step
+        x_t, x_prev = batch.latents[idx, j], batch.latents[idx, j + 1]
+        t, t_prev = batch.t[j], batch.t[j + 1]
+        t_batch = t.float().expand(len(idx)).to(x_t.device)
+        cond = cond_index(batch.cond, idx)
+        uncond = None if batch.uncond is None else cond_index(batch.uncond, idx)
+        out = guided_prediction(model, x_t, t_batch, cond, uncond, cfg.guidance_scale)
+        step = self.step_fn(x_t, out, t, t_prev, eta=cfg.eta, prev_sample=x_prev, schedule=model_schedule(model),
+                            prediction_type=model_prediction_type(model))
+        adv = batch.advantages[idx].to(step.log_prob.device)
+        if cfg.loss == "ppo":
+            loss, stats = ppo_loss(step.log_prob, batch.log_probs[idx, j].to(step.log_prob.device), adv, cfg.clip_range)
+        else:
+            loss, stats = reinforce_loss(step.log_prob, adv), {}
+        stats["policy_loss"] = loss.item()
+        if cfg.beta > 0:
+            with torch.no_grad():
+                out_ref = self.reference(lambda m: guided_prediction(m, x_t, t_batch, cond, uncond, cfg.guidance_scale))
+                ref = self.step_fn(x_t, out_ref, t, t_prev, eta=cfg.eta, prev_sample=x_prev,
+                                   schedule=model_schedule(model), prediction_type=model_prediction_type(model))
+            kl = gaussian_kl(step.mean, ref.mean, step.std).mean()
+            loss = loss + cfg.beta * kl
+            stats["kl"] = kl.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)  # DDP / accelerate wrappers
+
+
+def model_schedule(model: Any):
+    return _unwrap(model).schedule
+
+
+def model_prediction_type(model: Any) -> str:
+    return _unwrap(model).prediction_type

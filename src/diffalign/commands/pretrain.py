@@ -1,0 +1,32 @@
+"""``diffalign pretrain``: reproduce the shipped shapes-world base models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import fail
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def pretrain(
+        out: Path = typer.Option(..., help="Output directory (model + checkpoint + metrics)."),
+        world: str = typer.Option("shapes", help="The embedded world to pretrain on."),
+        model: str = typer.Option("flow", help="flow (velocity, rectified flow) or vp (epsilon, DDPM)."),
+        resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.pt."),
+        force: bool = typer.Option(False, help="Resume even if the config changed."),
+        overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. steps=100 lr=5e-4."),
+    ) -> None:
+        """Pretrain a base model on an embedded world (seeded, resumable)."""
+        from ..config import dump_config, load_config
+        from ..runtime.pretrain import PretrainConfig, pretrain as run
+
+        if world != "shapes":
+            fail(f"--world must be 'shapes', got {world!r}")
+        cfg = load_config(PretrainConfig, overrides=[f"model={model}", *(overrides or [])])
+        typer.echo(dump_config(cfg))
+        run(cfg, out, resume=resume, force=force)
+        typer.echo(f"saved {out}")

@@ -1,0 +1,150 @@
+"""Pretraining of the shapes-world base models (``diffalign pretrain``).
+
+Images are rendered on the fly from the world's *train* split, so the held-out prompt
+combinations are never seen. Flow models learn the velocity ``eps - x0`` with SD3's
+logit-normal time sampling (Esser et al. 2024); VP models learn ``eps`` with uniformly drawn
+discrete steps (Ho et al. 2020). The prompt is dropped (replaced by the empty prompt) with
+probability ``cfg_dropout`` so that classifier-free guidance works at sampling time.
+
+Every batch is a pure function of ``(seed, step)``, and checkpoints hold the model, its EMA,
+the optimiser and the step, so ``--resume`` continues a run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import check_choice, check_positive, check_range, save_config
+from ..core.parametrization import from_x0_eps
+from ..models.shapes_unet import ShapesDenoiser, default_config
+from ..worlds import shapes
+from .checkpoint import load_checkpoint, save_checkpoint
+from .ema import EMA
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "flow"  # "flow" (velocity, rectified flow) or "vp" (epsilon, DDPM linear betas)
+    steps: int = 3500  # optimiser steps
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200  # linear warm-up steps, then cosine decay to lr / 10
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999  # the shipped weights are the EMA weights
+    cfg_dropout: float = 0.1  # probability of training on the empty prompt
+    relation_fraction: float = 0.5  # share of relation prompts in a batch
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        check_choice("model", self.model, ["flow", "vp"])
+        check_positive("steps", self.steps, integer=True)
+        check_positive("batch_size", self.batch_size, integer=True)
+        check_positive("lr", self.lr)
+        check_range("warmup", self.warmup, 0, None, integer=True)
+        check_range("ema_decay", self.ema_decay, 0, 1, hi_open=True)
+        check_range("cfg_dropout", self.cfg_dropout, 0, 1)
+        check_range("relation_fraction", self.relation_fraction, 0, 1)
+
+
+def batch_for_step(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The rendered images ([B,3,32,32] in [0,1]), their prompts, and the prompts the model sees."""
+    seed = cfg.seed * 1_000_003 + step
+    prompts = shapes.sample_prompts(cfg.batch_size, "train", seed=seed, relation_fraction=cfg.relation_fraction)
+    images, _ = shapes.render_batch(prompts, seed=seed)
+    rng = np.random.default_rng(seed)
+    seen = ["" if rng.random() < cfg.cfg_dropout else p for p in prompts]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, prompts, seen
+
+
+def loss_fn(model: ShapesDenoiser, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+    """The pretraining (denoising) loss: MSE between the prediction and its target."""
+    B = x0.shape[0]
+    if model.prediction_type == "flow":
+        t = torch.sigmoid(torch.randn(B, generator=generator))  # logit-normal(0, 1)
+    else:
+        k = torch.randint(0, model.schedule.num_train_timesteps, (B,), generator=generator)
+        t = model.schedule.timestep_to_t(k).float()
+    eps = torch.randn(x0.shape, generator=generator)
+    alpha, sigma = model.schedule.alpha_sigma(t.double())
+    alpha, sigma = alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
+    x_t = alpha * x0 + sigma * eps
+    target = from_x0_eps(x0, eps, alpha, sigma, model.prediction_type)
+    return torch.mean((model(x_t, t, cond) - target) ** 2)
+
+
+def lr_at(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, force: bool = False,
+             progress: bool = True, stop_at: int | None = None) -> ShapesDenoiser:
+    """Train a shapes model from scratch; the EMA weights are saved to ``out`` with ``save_pretrained``.
+
+    ``stop_at`` ends this invocation after that step (with a checkpoint), as an interruption would;
+    ``resume=True`` continues from the checkpoint.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    variant = "flow" if cfg.model == "flow" else "epsilon"
+    model = ShapesDenoiser(default_config(variant, list(shapes.VOCAB)))
+    ema = EMA(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, cfg, model=model, optimizer=opt, ema=ema, force=force)
+        start = state["step"]
+        generator.set_state(state["generator"])
+    save_config(cfg, out / "pretrain_config.yaml")
+    metrics = (out / "metrics.jsonl").open("a" if start else "w")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("pretrain {task.fields[model]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), disable=not progress)
+    t0, window = time.time(), []
+    with bar:
+        task = bar.add_task("pretrain", total=cfg.steps, completed=start, model=cfg.model, loss=float("nan"))
+        model.train()
+        for step in range(start, cfg.steps):
+            images, _, seen = batch_for_step(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            loss = loss_fn(model, model.encode_images(images), model.encode_prompts(seen), generator)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema.update(model)
+            window.append(loss.item())
+            bar.update(task, advance=1, loss=sum(window) / len(window))
+            if (step + 1) % cfg.log_every == 0:  # mean loss over the last log_every steps
+                metrics.write(json.dumps({"step": step + 1, "loss": sum(window) / len(window), "lr": lr_at(cfg, step),
+                                          "elapsed_s": round(time.time() - t0, 1)}) + "\n")
+                metrics.flush()
+                window = []
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.steps, stop_at):
+                save_checkpoint(ckpt_path, cfg, step=step + 1, model=model, optimizer=opt, ema=ema,
+                                generator=generator.get_state())
+            if stop_at is not None and step + 1 >= stop_at:
+                break
+    metrics.close()
+    if stop_at is not None and stop_at < cfg.steps:
+        return model.eval()  # interrupted: only the checkpoint is written
+    final = ShapesDenoiser(model.config)
+    ema.copy_to(final)
+    final.save_pretrained(out)
+    return final.eval()
