@@ -27,10 +27,12 @@ test-fast: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -n $(WORKERS) -q -m "not slow"
 
 demo: $(STAMP)
-	@echo "demo: not built yet (the online-RL issue builds it)"; exit 1
+	$(BIN)/diffalign demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampling.py
+	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

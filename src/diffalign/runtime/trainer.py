@@ -89,6 +89,7 @@ class Trainer:
         self.algo_cfg = algorithms.build_config(cfg.method, cfg.algorithm)
         model = load_model(cfg.model, device=self.accelerator.device)
         model.requires_grad_(False)
+        torch.manual_seed(cfg.seed)  # LoRA's random init is the only draw from the global generator
         if cfg.lora_rank:
             model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, lora_targets(model))
         else:
@@ -214,7 +215,9 @@ class Trainer:
         res = shapes.verify(images, prompts)
         return {"eval/heldout_accuracy": float(res.correct.mean()), "eval/heldout_score": float(res.score.mean())}
 
-    def fit(self) -> Path:
+    def fit(self, stop_at: int | None = None) -> Path | None:
+        """Train to ``cfg.epochs`` and save ``final/``; ``stop_at`` ends after that epoch with a
+        checkpoint and no final model, as an interruption would (``--resume`` continues)."""
         cfg = self.cfg
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -238,14 +241,18 @@ class Trainer:
                     self.accelerator.log(row, step=epoch + 1)
                 bar.update(task, advance=1, reward=row.get("reward_mean", float("nan")), kl=row.get("kl", 0.0),
                            clip=row.get("clip_frac", 0.0))
-                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 in (cfg.epochs, stop_at):
                     self.save_checkpoint(epoch + 1)
+                if stop_at is not None and epoch + 1 >= stop_at:
+                    break
         if cfg.log_with != "none":
             self.accelerator.end_training()
+        if stop_at is not None and stop_at < cfg.epochs:
+            return None
         return self.save_final()
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool = True) -> Path:
+          progress: bool = True, stop_at: int | None = None) -> Path | None:
     """Fine-tune ``cfg.model`` with ``cfg.method``; returns the ``final`` model directory."""
-    return Trainer(cfg, run_dir, resume=resume, force=force, progress=progress).fit()
+    return Trainer(cfg, run_dir, resume=resume, force=force, progress=progress).fit(stop_at=stop_at)
