@@ -215,6 +215,10 @@ class ShapesDenoiser(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def trainable_module(self) -> nn.Module:
+        """The part fine-tuning trains (the text encoder stays frozen after pretraining)."""
+        return self.unet
+
     def encode_prompts(self, prompts: list[str]) -> TextCond:
         ids, pad = self.tokenizer(list(prompts))
         ids, pad = ids.to(self.device), pad.to(self.device)

@@ -93,8 +93,8 @@ class Trainer:
         if cfg.lora_rank:
             model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, lora_targets(model))
         else:
-            trainable = getattr(model, "unet", model)  # text encoders stay frozen, as in every real pipeline
-            trainable.requires_grad_(True)
+            # only the denoising backbone trains; text encoders (and VAEs) stay frozen, as in every real pipeline
+            model.trainable_module().requires_grad_(True)
         self.reward = rewards.get(cfg.reward, **cfg.reward_kwargs)
         self.heldout = [rewards.get(name) for name in cfg.heldout_rewards]
         reference = Reference(model) if self.algo_cfg.beta > 0 else None
