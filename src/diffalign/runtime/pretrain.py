@@ -110,7 +110,11 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, forc
         start = state["step"]
         generator.set_state(state["generator"])
     save_config(cfg, out / "pretrain_config.yaml")
-    metrics = (out / "metrics.jsonl").open("a" if start else "w")
+    metrics_path = out / "metrics.jsonl"
+    if start and metrics_path.exists():  # drop lines past the checkpoint: those steps are redone
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    metrics = metrics_path.open("a" if start else "w")
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("pretrain {task.fields[model]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
