@@ -122,3 +122,9 @@ def test_train_cli_runs_a_config_with_overrides(tiny_dirs, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "diffalign", "train", str(config), "algorithm.clip=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown config key 'algorithm.clip'" in bad.stderr
+
+
+def test_max_minutes_ends_the_run_with_a_final_model(tiny_dirs, tmp_path):
+    cfg = cfg_for(tiny_dirs / "flow", max_minutes=1e-4)  # ~6 ms: over after the first epoch
+    final = train(cfg, tmp_path / "run", progress=False)
+    assert len(rows(tmp_path / "run")) == 1 and (final / "model.safetensors").is_file()

@@ -52,6 +52,7 @@ class TrainConfig:
     eval_every: int = 0  # epochs between held-out evaluations (0 = never during training)
     eval_prompts: int = 64  # held-out prompts per evaluation (ODE sampling, model defaults)
     log_with: str = "none"  # none | tensorboard | wandb (accelerate trackers)
+    max_minutes: float = 0.0  # wall-clock training budget of one invocation; 0 = none (epochs decide)
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, algorithms.names())
@@ -66,6 +67,7 @@ class TrainConfig:
         check_range("eval_every", self.eval_every, 0, None, integer=True)
         check_choice("mixed_precision", self.mixed_precision, ["auto", "no", "bf16"])
         check_choice("log_with", self.log_with, ["none", "tensorboard", "wandb"])
+        check_range("max_minutes", self.max_minutes, 0, None)
         algorithms.build_config(self.method, self.algorithm)  # validate the method's fields now
 
 
@@ -241,9 +243,13 @@ class Trainer:
                     self.accelerator.log(row, step=epoch + 1)
                 bar.update(task, advance=1, reward=row.get("reward_mean", float("nan")), kl=row.get("kl", 0.0),
                            clip=row.get("clip_frac", 0.0))
-                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 in (cfg.epochs, stop_at):
+                out_of_time = cfg.max_minutes > 0 and time.time() - t_start >= 60 * cfg.max_minutes
+                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 in (cfg.epochs, stop_at) or out_of_time:
                     self.save_checkpoint(epoch + 1)
                 if stop_at is not None and epoch + 1 >= stop_at:
+                    break
+                if out_of_time:  # the budget ends the run: the final model is this epoch's
+                    bar.console.print(f"max_minutes={cfg.max_minutes} reached after {epoch + 1} epochs")
                     break
         if cfg.log_with != "none":
             self.accelerator.end_training()
