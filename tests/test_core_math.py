@@ -205,3 +205,16 @@ def test_bad_inputs_raise_clear_errors():
         flow_sde_step(x, v, 0.5, 0.4, schedule=VPSchedule())
     with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B=2\]"):
         flow_ode_step(x, v, torch.tensor([0.5, 0.5, 0.5]), 0.4)
+
+
+def test_ddim_clip_sample_clamps_x0_and_keeps_log_probs_consistent():
+    s = VPSchedule(beta_schedule="squaredcos_cap_v2")
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    wild = ddim_step(x, eps, 1.0, 0.9, eta=0.0, schedule=s)
+    tame = ddim_step(x, eps, 1.0, 0.9, eta=0.0, schedule=s, clip_sample=1.0)
+    # with alpha(1) ~ 5e-5 the unclipped x0 explodes; clipped, x' = alpha' x0 + sigma' eps stays bounded
+    assert wild.prev_sample.abs().max() > 100
+    assert tame.prev_sample.abs().max() < 10
+    o = ddim_step(x, eps, 0.6, 0.5, eta=1.0, schedule=s, clip_sample=1.0, generator=torch.Generator().manual_seed(0))
+    again = ddim_step(x, eps, 0.6, 0.5, eta=1.0, schedule=s, clip_sample=1.0, prev_sample=o.prev_sample)
+    assert torch.allclose(o.log_prob, again.log_prob)

@@ -41,7 +41,7 @@ def build(method, **overrides):
                                          ("ddpo", "epsilon")])
 def test_ratio_is_one_on_policy_and_log_probs_recompute(method, kind):
     model = tiny_model(kind)
-    cfg, cls = build(method, beta=0.0)
+    cfg, cls = build(method, beta=0.0, **({"clip_sample": 1.0} if method == "ddpo" else {}))
     algo = cls(cfg, reward=verifier_reward)
     batch = algo.collect(model, PROMPTS, epoch=0, seed=3)
     assert batch.latents.shape == (8, 5, 3, 32, 32) and batch.log_probs.shape == (8, 4)

@@ -37,6 +37,7 @@ class PolicyGradientConfig:
     inner_epochs: int = 1  # PPO passes over each rollout batch
     micro_batch_size: int = 32  # samples per forward pass
     steps_per_epoch: int = 1  # optimiser steps per pass (the batch is split into this many chunks)
+    clip_sample: float = 0.0  # ddim only: clamp the predicted x0 (pixel-space epsilon models); 0 = off
 
     def __post_init__(self) -> None:
         for name in ("group_size", "batch_size", "num_steps", "inner_epochs", "micro_batch_size",
@@ -52,6 +53,9 @@ class PolicyGradientConfig:
         check_positive("adv_clip_max", self.adv_clip_max)
         check_range("beta", self.beta, 0, None)
         check_range("timestep_fraction", self.timestep_fraction, 0, 1, lo_open=True)
+        check_range("clip_sample", self.clip_sample, 0, None)
+        if self.clip_sample and self.sampler != "ddim":
+            raise ValueError(f"clip_sample applies to the 'ddim' sampler only, got sampler {self.sampler!r}")
         if self.batch_size % self.group_size:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of group_size={self.group_size} "
                              "(every prompt gets a full group)")
@@ -107,6 +111,7 @@ class OnlinePolicyGradient:
             raise ValueError(f"beta={cfg.beta} needs a reference model")
         self.cfg, self.reward, self.reference = cfg, reward, reference
         self.step_fn = get_step(cfg.sampler)
+        self.step_kw = {"clip_sample": cfg.clip_sample} if cfg.clip_sample else {}
 
     # -- hooks for the method files -----------------------------------------------------------
     def sde_steps(self, epoch: int, generator: torch.Generator) -> list[int] | None:
@@ -121,7 +126,7 @@ class OnlinePolicyGradient:
         gen = torch.Generator().manual_seed(seed)
         batch = rollout(model, prompts, self.reward, group_size=cfg.group_size, sampler=cfg.sampler,
                         num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                        sde_steps=self.sde_steps(epoch, gen), seed=seed)
+                        sde_steps=self.sde_steps(epoch, gen), seed=seed, **self.step_kw)
         adv = self.advantages(batch)
         batch.advantages = torch.where(batch.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         batch.info.update(reward_stats(batch))
@@ -155,7 +160,7 @@ class OnlinePolicyGradient:
         uncond = None if batch.uncond is None else cond_index(batch.uncond, idx)
         out = guided_prediction(model, x_t, t_batch, cond, uncond, cfg.guidance_scale)
         step = self.step_fn(x_t, out, t, t_prev, eta=cfg.eta, prev_sample=x_prev, schedule=model_schedule(model),
-                            prediction_type=model_prediction_type(model))
+                            prediction_type=model_prediction_type(model), **self.step_kw)
         adv = batch.advantages[idx].to(step.log_prob.device)
         if cfg.loss == "ppo":
             loss, stats = ppo_loss(step.log_prob, batch.log_probs[idx, j].to(step.log_prob.device), adv, cfg.clip_range)
@@ -166,7 +171,8 @@ class OnlinePolicyGradient:
             with torch.no_grad():
                 out_ref = self.reference(lambda m: guided_prediction(m, x_t, t_batch, cond, uncond, cfg.guidance_scale))
                 ref = self.step_fn(x_t, out_ref, t, t_prev, eta=cfg.eta, prev_sample=x_prev,
-                                   schedule=model_schedule(model), prediction_type=model_prediction_type(model))
+                                   schedule=model_schedule(model), prediction_type=model_prediction_type(model),
+                                   **self.step_kw)
             kl = gaussian_kl(step.mean, ref.mean, step.std).mean()
             loss = loss + cfg.beta * kl
             stats["kl"] = kl.item()

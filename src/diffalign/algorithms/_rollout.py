@@ -121,7 +121,7 @@ class PerPromptStatTracker:
 @torch.no_grad()
 def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sampler: str, num_steps: int,
             eta: float | None, guidance_scale: float, sde_steps: Collection[int] | None, seed: int,
-            batch_size: int = 64) -> Batch:
+            batch_size: int = 64, clip_sample: float = 0.0) -> Batch:
     """Sample ``group_size`` trajectories per prompt, score them, and store everything PPO needs.
 
     Noise for image ``i`` comes from seed ``seed + i``; the SDE noise from ``seed``, so a rollout is a
@@ -142,7 +142,7 @@ def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sam
         parts.append(sample(model, cond_index(cond, sl), sampler=sampler, num_steps=num_steps,
                             guidance_scale=guidance_scale, noise=noise[sl],
                             uncond=None if uncond is None else cond_index(uncond, sl), eta=eta,
-                            sde_steps=sde_steps, return_trajectory=True, generator=gen))
+                            sde_steps=sde_steps, return_trajectory=True, generator=gen, clip_sample=clip_sample))
     latents = torch.cat([p.latents for p in parts])
     images = model.decode(latents[:, -1]).float()
     rewards, n_failed = safe_reward(reward, images, all_prompts)

@@ -75,6 +75,7 @@ def sample(
     generator: torch.Generator | None = None,
     schedule: Schedule | None = None,
     checkpoint: bool = False,
+    clip_sample: float = 0.0,
 ) -> Trajectory:
     """Sample from ``model`` starting at ``noise`` (``x_1``).
 
@@ -89,9 +90,16 @@ def sample(
     checkpoint: recompute each graph-carrying model call in the backward pass
         (``torch.utils.checkpoint``), so memory grows with the number of grad steps only mildly.
     generator: source of the stochastic steps' noise.
+    clip_sample: ``ddim`` only: clamp the predicted x0 to ``[-clip_sample, clip_sample]`` (pixel-space
+        epsilon models); 0 = off.
     """
     step_fn = get_step(sampler)
     ode_fn = get_step(ODE_COUNTERPART[sampler])
+    step_kw = {}
+    if clip_sample:
+        if sampler != "ddim":
+            raise ValueError(f"clip_sample applies to the 'ddim' sampler only, got sampler {sampler!r}")
+        step_kw["clip_sample"] = clip_sample
     check_prediction_type(model.prediction_type)
     schedule = schedule or model.schedule
     ts = time_grid(model, num_steps, schedule)
@@ -123,7 +131,7 @@ def sample(
             else:
                 out = guided_prediction(model, x, t_batch, cond, uncond, guidance_scale)
             step = fn(x, out, t, t_prev, eta=step_eta, generator=generator, schedule=schedule,
-                      prediction_type=model.prediction_type)
+                      prediction_type=model.prediction_type, **step_kw)
         x = step.prev_sample
         if stochastic:
             log_probs[:, i] = step.log_prob.detach()
@@ -149,7 +157,8 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device 
 
 
 def generate(model: Any, prompts: list[str], seeds: list[int], *, sampler: str = "flow_ode", num_steps: int = 10,
-             guidance_scale: float = 1.0, eta: float | None = None, batch_size: int = 256) -> Tensor:
+             guidance_scale: float = 1.0, eta: float | None = None, batch_size: int = 256,
+             clip_sample: float = 0.0) -> Tensor:
     """Prompts -> images ``[B, 3, H, W]`` in ``[0, 1]`` for a model with ``encode_prompts``,
     ``sample_shape`` and ``decode`` (the shapes models and the diffusers adapter). No gradients.
 
@@ -167,6 +176,7 @@ def generate(model: Any, prompts: list[str], seeds: list[int], *, sampler: str =
             uncond = model.encode_prompts([""] * len(p)) if guidance_scale != 1.0 else None
             noise = seeded_noise(model.sample_shape, s, device)
             traj = sample(model, cond, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-                          noise=noise, uncond=uncond, eta=eta, generator=torch.Generator(device).manual_seed(s[0]))
+                          noise=noise, uncond=uncond, eta=eta, generator=torch.Generator(device).manual_seed(s[0]),
+                          clip_sample=clip_sample)
             out.append(model.decode(traj.x0).float().cpu())
     return torch.cat(out)

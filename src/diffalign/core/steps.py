@@ -106,18 +106,26 @@ def _ddim_transition(x0, eps, alpha_prev, sigma_prev, s):
 
 
 def ddim_step(x_t, model_output, t, t_prev, *, eta=0.0, noise=None, prev_sample=None, generator=None,
-              schedule: Schedule, prediction_type: str = "epsilon") -> StepOutput:
+              schedule: Schedule, prediction_type: str = "epsilon", clip_sample: float = 0.0) -> StepOutput:
     """DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models", Eq. 12 and 16).
 
     ``s = eta * (sigma'/sigma) * sqrt(1 - alpha^2 / alpha'^2)`` (Eq. 16 in abar notation);
     ``eta = 0`` is deterministic DDIM, ``eta = 1`` is DDPM ancestral sampling. Works with any
     schedule; on a flow schedule with ``eta = 0`` it coincides with the Euler step.
+
+    ``clip_sample > 0`` clamps the predicted ``x0`` to ``[-clip_sample, clip_sample]`` and re-derives
+    ``eps`` from it, as DDPM's pixel-space sampler does (Ho et al. 2020; diffusers' ``clip_sample``):
+    an epsilon model's ``x0 = (x_t - sigma eps) / alpha`` amplifies its error by ``1 / alpha``,
+    which is ~150 at the first step of a linear-beta schedule.
     """
     t, t_prev = _validate(x_t, model_output, t, t_prev, eta, (0.0, 1.0), noise, prev_sample, "ddim")
     check_prediction_type(prediction_type)
     alpha, sigma = schedule.alpha_sigma(t)
     alpha_prev, sigma_prev = schedule.alpha_sigma(t_prev)
     x0, eps = to_x0_eps(model_output, x_t, alpha, sigma, prediction_type)
+    if clip_sample > 0:
+        x0 = x0.clamp(-clip_sample, clip_sample)
+        eps = (x_t - broadcast_to(alpha, x_t) * x0) / broadcast_to(sigma, x_t).clamp_min(1e-12)
     s = eta * sigma_prev / sigma.clamp_min(1e-12) * torch.sqrt((1 - alpha**2 / alpha_prev**2).clamp_min(0))
     a_p, s_p, s_b = (broadcast_to(v, x_t) for v in (alpha_prev, sigma_prev, s))
     mean = _ddim_transition(x0, eps, a_p, s_p, s_b)

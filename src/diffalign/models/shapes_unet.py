@@ -46,6 +46,7 @@ class ShapesModelConfig:
     sampler: str = "flow_ode"
     num_steps: int = 10
     guidance_scale: float = 3.0
+    clip_sample: float = 0.0  # ddim: clamp predicted x0 to [-c, c] (the VP/epsilon model needs it)
 
     def __post_init__(self) -> None:
         check_prediction_type(self.prediction_type)
@@ -205,7 +206,8 @@ class ShapesDenoiser(nn.Module):
     @property
     def sampling_defaults(self) -> dict:
         return {"sampler": self.config.sampler, "num_steps": self.config.num_steps,
-                "guidance_scale": self.config.guidance_scale, "eta": 0.0 if self.config.sampler == "ddim" else None}
+                "guidance_scale": self.config.guidance_scale, "eta": 0.0 if self.config.sampler == "ddim" else None,
+                "clip_sample": self.config.clip_sample}
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -281,9 +283,15 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def default_config(prediction_type: str, vocab: list[str]) -> ShapesModelConfig:
-    """The shipped variants: flow matching with velocity prediction, or VP/epsilon (DDPM linear betas)."""
+    """The shipped variants: flow matching with velocity prediction, or VP/epsilon.
+
+    The VP variant uses the cosine schedule (Nichol & Dhariwal 2021), which spreads the signal-to-
+    noise ratio over t far better than DDPM's linear betas at 32x32 (measured: a linear-beta model
+    trained as long drew noise with 10-step DDIM), and clips the predicted x0 to [-1, 1] when sampling.
+    """
     if prediction_type == "flow":
         return ShapesModelConfig(vocab=vocab, prediction_type="flow", schedule=asdict(FlowSchedule()))
     if prediction_type == "epsilon":
-        return ShapesModelConfig(vocab=vocab, prediction_type="epsilon", schedule=asdict(VPSchedule()), sampler="ddim")
+        return ShapesModelConfig(vocab=vocab, prediction_type="epsilon", sampler="ddim", clip_sample=1.0,
+                                 schedule=asdict(VPSchedule(beta_schedule="squaredcos_cap_v2")))
     raise ValueError(f"model variant must be 'flow' or 'vp', got {prediction_type!r}")

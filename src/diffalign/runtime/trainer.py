@@ -157,6 +157,9 @@ class Trainer:
             self.ema.copy_to(model)
         if is_lora(model):
             model.save_pretrained(str(out / "lora"))  # the adapter alone, peft layout
+            base = model.get_base_model()
+            if hasattr(base, "save_lora"):  # diffusers pipelines: also the layout `pipe.load_lora_weights` reads
+                base.save_lora(out / "lora")
             model = model.merge_and_unload()
         model.save_pretrained(out)
         return out
