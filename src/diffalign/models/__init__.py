@@ -31,7 +31,9 @@ def load_model(name_or_dir: str | Path, device: str | torch.device = "cpu"):
     """Load any model diffalign can sample from or train, by short name or directory."""
     path = resolve_model_path(name_or_dir)
     if (path / "model_index.json").is_file():
-        raise ValueError(f"{path} is a diffusers pipeline; diffusers models are not supported yet")
+        from .diffusers_adapter import DiffusersDenoiser  # diffusers itself is imported inside (optional extra)
+
+        return DiffusersDenoiser.from_pretrained(path, device=device)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: expected config.json and model.safetensors "
