@@ -4,12 +4,11 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from diffalign.core import generate, sample
-from diffalign.models import SHORT_NAMES, WEIGHTS_DIR, load_model, resolve_model_path
+from diffalign.core import generate
+from diffalign.models import WEIGHTS_DIR, load_model, resolve_model_path
 from diffalign.models.shapes_unet import ShapesDenoiser, default_config
 from diffalign.worlds import shapes
 

@@ -143,7 +143,6 @@ def test_safe_reward_drops_nan_and_raising_samples():
 def test_nan_rewards_keep_the_update_finite():
     model = tiny_model()
     cfg, cls = build("flow_grpo", beta=0.0)
-    calls = {"n": 0}
 
     def flaky(images, prompts, meta=None):
         r = verifier_reward(images, prompts)

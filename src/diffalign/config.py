@@ -21,7 +21,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePath
-from typing import Any, Literal, Union
+from typing import Callable, Any, Literal, Union
 
 import yaml
 
@@ -265,15 +265,22 @@ def dump_config(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write ``cfg`` as YAML to ``path`` atomically (temp file in the same dir + ``os.replace``)."""
-    path = Path(path)
     text = dump_config(cfg)
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> Path:
+    """Write a file so that a crash never leaves it half-written: ``write(f)`` fills a temporary
+    binary file in the same directory, which is fsynced, made 0644 and renamed over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.sampling import generate
+from ..config import atomic_write
 from ..worlds import shapes
 from .features import ENCODER_INPUT, ENCODER_NAME, fid_kid, pooled_pixels, rms_distance, within_prompt_diversity
 from .grid import save_grid
@@ -53,12 +52,7 @@ def eval_seeds(num_prompts: int, seeds_per_prompt: int, seed: int = 0) -> list[i
     return [seed + i * seeds_per_prompt + k for i in range(num_prompts) for k in range(seeds_per_prompt)]
 
 
-def is_shapes_prompt(prompt: str) -> bool:
-    try:
-        shapes.parse(prompt)
-        return True
-    except ValueError:
-        return False
+is_shapes_prompt = shapes.is_prompt
 
 
 def _settings(model: Any, **given: Any) -> dict[str, Any]:
@@ -226,20 +220,8 @@ def _short(labels: Sequence[str], width: int = 48) -> list[str]:
 
 def save_eval(result: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``result`` as JSON (atomically; NaN/inf are refused so the file stays standard JSON)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write((text + "\n").encode()))
 
 
 def load_eval(path: str | Path) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import atomic_write
 from ..core.parametrization import check_prediction_type
 from ..core.schedules import FlowSchedule, Schedule, VPSchedule, schedule_from_dict
 
@@ -242,16 +242,16 @@ class ShapesDenoiser(nn.Module):
     # ----- diffusers-style persistence ----------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)
         cfg["channels"] = list(cfg["channels"])
         cfg["model_type"] = "shapes-unet"
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
-        _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, p))
+        from safetensors.torch import save as to_bytes
+
+        atomic_write(d / CONFIG_NAME, lambda f: f.write(json.dumps(cfg, indent=2).encode()))
+        atomic_write(d / WEIGHTS_NAME, lambda f: f.write(to_bytes(state)))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "ShapesDenoiser":
@@ -269,17 +269,6 @@ class ShapesDenoiser(nn.Module):
         return model.to(device).eval()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def default_config(prediction_type: str, vocab: list[str]) -> ShapesModelConfig:

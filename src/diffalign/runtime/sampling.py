@@ -25,12 +25,7 @@ def resolve_sampling(model, sampler=None, num_steps=None, guidance_scale=None, e
     return d
 
 
-def is_shapes_prompt(prompt: str) -> bool:
-    try:
-        shapes.parse(prompt)
-        return True
-    except ValueError:
-        return False
+is_shapes_prompt = shapes.is_prompt
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

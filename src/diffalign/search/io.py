@@ -17,12 +17,7 @@ from ..worlds import shapes
 from .base import SearchResult
 
 
-def is_shapes_prompt(prompt: str) -> bool:
-    try:
-        shapes.parse(prompt)
-        return True
-    except ValueError:
-        return False
+is_shapes_prompt = shapes.is_prompt
 
 
 def verifier_scores(result: SearchResult) -> tuple[np.ndarray, np.ndarray] | None:

@@ -88,6 +88,15 @@ def parse(prompt: str) -> ParsedPrompt:
     raise ValueError(f"malformed prompt {prompt!r}: {_HELP}")
 
 
+def is_prompt(prompt: str) -> bool:
+    """True iff ``prompt`` parses in the shapes world's grammar."""
+    try:
+        parse(prompt)
+        return True
+    except ValueError:
+        return False
+
+
 def _count_prompt(n: int, color: str, shape: str) -> str:
     return f"{_COUNT_WORD[n]} {color} {shape}{'s' if n > 1 else ''}"
 
