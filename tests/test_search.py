@@ -11,22 +11,13 @@ import torch
 
 from diffalign import rewards, search
 from diffalign.core.sampling import sample
-from diffalign.models.shapes_unet import ShapesDenoiser, default_config
 from diffalign.search.base import candidate_generator
-from diffalign.worlds import shapes
+from test_online_rl import tiny_model
 
 PROMPTS = ["two red circles", "a blue square left of a green triangle"]
 T = 3  # sampling steps in these tests
 
 
-def tiny_model(kind="flow", seed=0):
-    torch.manual_seed(seed)
-    cfg = default_config(kind, list(shapes.VOCAB))
-    cfg.channels, cfg.text_dim, cfg.text_layers = (16, 16, 16), 16, 1
-    m = ShapesDenoiser(cfg)
-    # the zero-initialised output layer would make every prediction 0; perturb it
-    torch.nn.init.normal_(m.unet.out.weight, std=0.02)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
