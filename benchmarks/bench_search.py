@@ -34,7 +34,7 @@ METHODS = {
     "svdd": ("shapes", {}),
     "dts": ("shapes", {}),
     "reno": ("shapes_soft", {"lr": 1.0}),
-    "dno": ("shapes_soft", {"lr": 0.02}),
+    "dno": ("shapes_soft", {"lr": 0.01}),
     "mira": ("shapes_soft", {"lr": 0.02, "kl_weight": 10.0}),
     "rlg": ("shapes", {"weight": 1.5}),
 }
