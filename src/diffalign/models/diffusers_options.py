@@ -1,0 +1,151 @@
+"""Options, constants and small helpers of the diffusers adapter (``diffusers_adapter.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import check_choice, check_positive, check_range
+
+# pipeline class (model_index.json "_class_name") -> architecture
+PIPELINES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+OPTIONS_FILE = "diffalign.json"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+
+# LoRA targets per architecture: regexes matched against the END of a backbone module name
+# (after a dot), on nn.Linear modules only. Attention projections and the feed-forward layers.
+_ATTN = (r"to_q", r"to_k", r"to_v", r"to_out\.0")
+_JOINT = (r"add_q_proj", r"add_k_proj", r"add_v_proj", r"to_add_out")
+_FFN = (r"ff\.net\.0\.proj", r"ff\.net\.2")
+_FFN_CONTEXT = (r"ff_context\.net\.0\.proj", r"ff_context\.net\.2")
+LORA_PATTERNS = {
+    "sd": _ATTN + _FFN,
+    "sdxl": _ATTN + _FFN,
+    "sd3": _ATTN + _JOINT + _FFN + _FFN_CONTEXT,
+    "flux": _ATTN + _JOINT + _FFN + _FFN_CONTEXT + (r"single_transformer_blocks\.\d+\.proj_mlp",
+                                                     r"single_transformer_blocks\.\d+\.proj_out"),
+}
+# what each architecture samples with unless told otherwise (the pipelines' own defaults)
+_SAMPLING = {
+    "sd": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 7.5, "eta": 0.0},
+    "sdxl": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 5.0, "eta": 0.0},
+    "sd3": {"sampler": "flow_ode", "num_steps": 28, "guidance_scale": 7.0, "eta": None},
+    "flux": {"sampler": "flow_ode", "num_steps": 28, "guidance_scale": 1.0, "eta": None},
+}
+_T5_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' default max_sequence_length
+_UNSUPPORTED_FLOW_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                             "invert_sigmas", "stochastic_sampling")
+
+
+@dataclass
+class AdapterOptions:
+    """Adapter settings: keyword arguments of :meth:`DiffusersDenoiser.from_pretrained`, or the
+    keys of ``diffalign.json`` in the pipeline directory (keyword arguments win)."""
+
+    resolution: int | list[int] | None = None  # pixels, int or [height, width]; None: the model's native size
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+    guidance: float | None = None  # FLUX distilled guidance (transformer.config.guidance_embeds); None: 3.5
+    max_sequence_length: int | None = None  # T5 tokens (SD3 default 256, FLUX 512)
+    shift: float | None = None  # replaces the scheduler's (static or resolution-dependent) time shift
+    sampler: str | None = None  # sampling defaults every command starts from (None: the pipeline's)
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+    eta: float | None = None
+    lora_target_modules: list[str] | None = None  # regexes for module-name suffixes; None: per architecture
+    gradient_checkpointing: bool = False  # recompute backbone activations in the backward pass
+    text_cache_mb: float = 256.0  # LRU cache of prompt embeddings (0 = off)
+    decode_batch_size: int = 8  # VAE decode chunk size
+
+    def __post_init__(self) -> None:
+        if self.resolution is not None:
+            res = [self.resolution] * 2 if isinstance(self.resolution, int) else list(self.resolution)
+            if len(res) != 2:
+                raise ValueError(f"resolution must be an int or [height, width], got {self.resolution!r}")
+            for r in res:
+                check_positive("resolution", r, integer=True)
+        check_choice("dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        if self.guidance is not None:
+            check_range("guidance", self.guidance, 0, None)
+        if self.max_sequence_length is not None:
+            check_positive("max_sequence_length", self.max_sequence_length, integer=True)
+        if self.shift is not None:
+            check_positive("shift", self.shift)
+        if self.num_steps is not None:
+            check_positive("num_steps", self.num_steps, integer=True)
+        if self.guidance_scale is not None:
+            check_range("guidance_scale", self.guidance_scale, 0, None)
+        check_range("text_cache_mb", self.text_cache_mb, 0, None)
+        check_positive("decode_batch_size", self.decode_batch_size, integer=True)
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        if self.resolution is None:
+            return None
+        return (self.resolution, self.resolution) if isinstance(self.resolution, int) else tuple(self.resolution)
+
+
+@dataclass
+class DiffusersCond:
+    """Encoded prompts, batch on dim 0 (``cond_cat`` / ``cond_index`` batch every tensor field)."""
+
+    embeds: Tensor  # [B, L, D] token embeddings (encoder_hidden_states)
+    pooled: Tensor | None = None  # [B, P] pooled embedding (SDXL text_embeds; SD3/FLUX pooled_projections)
+    time_ids: Tensor | None = None  # [B, 6] SDXL micro-conditioning (size, crop, target size)
+    guidance: Tensor | None = None  # [B] FLUX distilled guidance
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in (self.embeds, self.pooled, self.time_ids, self.guidance)
+                   if v is not None)
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent ``mu``: linear in the image sequence length (as in diffusers'
+    ``pipeline_flux.calculate_shift``)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+def read_options(directory: str | os.PathLike) -> dict:
+    """``diffalign.json`` of a pipeline directory as a dict ({} when absent)."""
+    f = Path(directory) / OPTIONS_FILE
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{f}: expected a JSON object of adapter options, got {type(data).__name__}")
+    return data
+
+
+def pipeline_class_name(directory: str | os.PathLike) -> str:
+    index = Path(directory) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{directory} is not a diffusers pipeline directory: {index} is missing")
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from None
+    if name not in PIPELINES:
+        raise ValueError(f"{index}: pipeline class {name!r} is not supported; supported pipelines: "
+                         f"{', '.join(sorted(PIPELINES))}")
+    return name
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
