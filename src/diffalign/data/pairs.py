@@ -28,7 +28,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -192,14 +192,19 @@ def write_jsonl_records(records: Iterable[dict[str, Any]], path: str | os.PathLi
 
 
 def write_jsonl_pairs(pairs: Iterable[PreferencePair], path: str | os.PathLike,
-                      image_dir: str | os.PathLike | None = None) -> Path:
+                      image_dir: str | os.PathLike | None = None, *,
+                      extra: Sequence[dict[str, Any]] | None = None) -> Path:
     """Write each pair's images as PNGs into ``image_dir`` (default: ``images/`` beside ``path``) and
     the JSONL index to ``path``, with image paths relative to ``path``'s folder. Returns ``path``.
 
     Images are written first and the index last, each file atomically, so the index never names an
     image that is not on disk. Image names are ``{i:06d}_chosen.png`` / ``{i:06d}_rejected.png``.
+    ``extra[i]`` adds fields to line ``i`` (e.g. reward scores); readers ignore unknown fields.
     """
     path = Path(path)
+    pairs = list(pairs)
+    if extra is not None and len(extra) != len(pairs):
+        raise ValueError(f"extra must hold one dict per pair ({len(pairs)}), got {len(extra)}")
     image_dir = Path(image_dir) if image_dir is not None else path.parent / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
@@ -212,7 +217,10 @@ def write_jsonl_pairs(pairs: Iterable[PreferencePair], path: str | os.PathLike,
             png = encode_png(getattr(pair, k))
             atomic_write(file, lambda f, png=png: f.write(png))
             names.append(Path(os.path.relpath(file, path.parent)).as_posix())
-        records.append(pair_record(pair, *names))
+        clash = sorted(set(extra[i]) & set(JSONL_FIELDS)) if extra is not None else []
+        if clash:
+            raise ValueError(f"extra[{i}] may not set the pair fields {clash}")
+        records.append({**pair_record(pair, *names), **(extra[i] if extra is not None else {})})
     return write_jsonl_records(records, path)
 
 
