@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ddpo, grpo
+from . import ddpo, forward_process, grpo
 
 # method name -> (config class, algorithm class, preset overrides of the config defaults)
 METHODS: dict[str, tuple[type, type, dict[str, Any]]] = {
     **{name: (grpo.GRPOConfig, grpo.GRPO, preset) for name, preset in grpo.PRESETS.items()},
     **{name: (ddpo.DDPOConfig, ddpo.DDPO, preset) for name, preset in ddpo.PRESETS.items()},
+    **forward_process.PRESETS,
 }
 
 
