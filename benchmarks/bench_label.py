@@ -113,7 +113,8 @@ def annotator_loop(url: str, name: str, token: str, pair_ids: list[str], deadlin
     rng.shuffle(order)
     kept: dict[str, str] = {}  # pair -> choice, for votes acknowledged and not undone
     stack: list[str] = []
-    out = {"name": name, "recorded": 0, "requests": 0, "retries_ok": 0, "undos_ok": 0, "errors": [], "transport_retries": 0}
+    out = {"name": name, "recorded": 0, "requests": 0, "retries_ok": 0, "undos_ok": 0, "errors": [],
+           "transport_retries": 0}
 
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
         def post(path: str, body: dict | None = None):
@@ -165,8 +166,8 @@ def hammer(url: str, tokens: dict[str, str], pair_ids: list[str], seconds: float
         try:
             res = annotator_loop(url, name, token, pair_ids, deadline, seed=k)
         except Exception as e:  # noqa: BLE001 - reported, and counted as an error
-            res = {"name": name, "kept": {}, "errors": [repr(e)], "recorded": 0, "requests": 0, "retries_ok": 0, "undos_ok": 0,
-                   "transport_retries": 0}
+            res = {"name": name, "kept": {}, "errors": [repr(e)], "recorded": 0, "requests": 0, "retries_ok": 0,
+                   "undos_ok": 0, "transport_retries": 0}
         with lock:
             results.append(res)
 

@@ -77,7 +77,7 @@ def test_pickapic_parquet_and_jsonl_round_trip_into_the_same_pairs(tmp_path):
     path = write_jsonl_pairs(from_parquet, tmp_path / "out" / "pairs.jsonl")
     lines = [json.loads(s) for s in path.read_text().splitlines()]
     assert lines[2]["tie"] is True and "tie" not in lines[0]
-    assert all(not l["chosen"].startswith("/") for l in lines)  # relative to the JSONL's folder
+    assert all(not rec["chosen"].startswith("/") for rec in lines)  # relative to the JSONL's folder
     from_jsonl = list(read_jsonl_pairs(path))
     assert from_jsonl == from_parquet
     # load_pairs dispatches on all three source kinds
@@ -199,8 +199,8 @@ def test_make_pairs_on_a_tiny_model_writes_readable_pairs_ranked_by_the_reward(t
     prompts = [p.prompt for p in pairs]
     sc = reward(x([p.chosen for p in pairs]), prompts).numpy()
     sr = reward(x([p.rejected for p in pairs]), prompts).numpy()
-    assert np.allclose(sc, [l["chosen_score"] for l in lines], atol=1e-6)
-    assert np.allclose(sr, [l["rejected_score"] for l in lines], atol=1e-6)
+    assert np.allclose(sc, [rec["chosen_score"] for rec in lines], atol=1e-6)
+    assert np.allclose(sr, [rec["rejected_score"] for rec in lines], atol=1e-6)
     assert (sc > sr).all()
     assert all(p.annotator == "reward:brightness" and not p.tie for p in pairs)
     assert len({p.pair_id for p in pairs}) == len(pairs)
@@ -208,8 +208,8 @@ def test_make_pairs_on_a_tiny_model_writes_readable_pairs_ranked_by_the_reward(t
     best = make_pairs(model, PROMPTS, reward, 4, seed=3, sampling=sampling)
     assert len(best) == len(PROMPTS) and [p.prompt for p in best] == PROMPTS
     for b in best:
-        mine = [l for l in lines if l["prompt"] == b.prompt]
-        gap = max(l["chosen_score"] - l["rejected_score"] for l in mine)
+        mine = [rec for rec in lines if rec["prompt"] == b.prompt]
+        gap = max(rec["chosen_score"] - rec["rejected_score"] for rec in mine)
         s = reward(x([b.chosen, b.rejected]), [b.prompt] * 2).numpy()
         assert s[0] - s[1] == pytest.approx(gap, abs=1e-6)
     # deterministic in the seed
@@ -229,5 +229,11 @@ def test_make_pairs_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "wrote 2 pairs" in out.stdout
     assert [p.prompt for p in load_pairs(tmp_path / "out")] == PROMPTS[:2]
-    bad = subprocess.run(cmd[:-2] + ["--split", "train", "--out", str(tmp_path / "o2")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "exactly one of --prompts FILE or --split" in bad.stderr
+    from typer.testing import CliRunner
+
+    from diffalign.cli import app
+
+    bad = CliRunner().invoke(app, cmd[3:-2] + ["--split", "train", "--out", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "exactly one of --prompts FILE or --split" in bad.output
+    bad = CliRunner().invoke(app, cmd[3:-6] + ["--per-prompt", "1", "--steps", "2", "--out", str(tmp_path / "o3")])
+    assert bad.exit_code == 2 and "--per-prompt must be >= 2" in bad.output

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("jinja2")
-pytest.importorskip("multipart")
+pytest.importorskip("python_multipart")
 pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
@@ -57,8 +57,8 @@ def vote(client, pid, choice, headers=ALICE):
 
 def test_no_token_is_401_and_a_bad_token_403(setup):
     client, _, _ = setup
-    for method, path in [("get", "/"), ("get", "/api/next"), ("get", "/pair/p0"), ("get", "/images/images/000000_chosen.png"),
-                         ("post", "/api/undo"), ("post", "/undo")]:
+    for method, path in [("get", "/"), ("get", "/api/next"), ("get", "/pair/p0"),
+                         ("get", "/images/images/000000_chosen.png"), ("post", "/api/undo"), ("post", "/undo")]:
         assert getattr(client, method)(path).status_code == 401, path
         assert getattr(client, method)(path, headers={"Authorization": "Bearer wrong-token"}).status_code == 403, path
         assert getattr(client, method)(path, headers=ALICE).status_code in (200, 303), path
@@ -116,6 +116,10 @@ def test_votes_unknown_pairs_duplicates_conflicts_and_undo(setup):
     r = vote(client, "p0", "b")
     assert r.status_code == 409 and "undo" in r.json()["detail"]
     assert vote(client, "p1", "skip").json()["status"] == "recorded"
+    shown = client.get("/pair/p0", headers=ALICE).text  # a voted pair shows the vote on its image
+    assert "your vote on this pair: a" in shown
+    side = "left" if left_first("alice", "p0") else "right"
+    assert f'value="a" id="{side}"\n                class="current"' in shown
     bob = {"Authorization": "Bearer tok-bob-0123456789abcdef00"}
     assert vote(client, "p0", "b", headers=bob).json()["status"] == "recorded"  # votes are per annotator
     store = VoteStore(tmp / "votes.sqlite")
@@ -210,20 +214,27 @@ def test_export_is_the_majority_vote_and_reads_back_as_pairs(setup):
 
 
 def test_label_cli_adds_annotators_and_exports(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffalign.cli import app
+
     make_pairs_dir(tmp_path / "pairs", 3)
-    base = [sys.executable, "-m", "diffalign", "label", str(tmp_path / "pairs"), "--db", str(tmp_path / "v.sqlite")]
-    out = subprocess.run(base + ["--port", "1"], capture_output=True, text=True)
-    assert out.returncode == 2 and "no annotators" in out.stderr
-    out = subprocess.run(base + ["--add-annotator", "erin"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    base = ["label", str(tmp_path / "pairs"), "--db", str(tmp_path / "v.sqlite")]
+    out = CliRunner().invoke(app, base + ["--port", "1"])
+    assert out.exit_code == 2 and "no annotators" in out.output
+    out = CliRunner().invoke(app, base + ["--add-annotator", "erin"])
+    assert out.exit_code == 0, out.output
     token = out.stdout.strip()
     store = VoteStore(tmp_path / "v.sqlite")
     assert store.annotator_for(token) == "erin"
     store.vote("erin", "p2", "b")
     store.close()
-    out = subprocess.run(base + ["--export", str(tmp_path / "e.jsonl")], capture_output=True, text=True)
-    assert out.returncode == 0 and "wrote 1 pairs (0 ties)" in out.stdout, out.stderr
+    out = CliRunner().invoke(app, base + ["--export", str(tmp_path / "e.jsonl")])
+    assert out.exit_code == 0 and "wrote 1 pairs (0 ties)" in out.stdout, out.output
     assert [p.pair_id for p in load_pairs(tmp_path / "e.jsonl")] == ["p2"]
+    # the one real process start: the console entry point
+    out = subprocess.run([sys.executable, "-m", "diffalign", "label", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--add-annotator" in out.stdout
 
 
 @pytest.mark.slow

@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
             finally:
                 store.close()
             typer.echo(token)
-            typer.echo(f"annotator {add_annotator!r} added to {db}; they open http://HOST:PORT/?token={token}", err=True)
+            typer.echo(f"annotator {add_annotator!r} added to {db}; they open http://HOST:PORT/?token={token}",
+                       err=True)
             return
         if export is not None:
             s = export_votes(pairs_dir, db, export)

@@ -45,7 +45,7 @@ def _fastapi():
     try:
         import fastapi
         import jinja2  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart, for form posts)
+        import python_multipart  # noqa: F401  (form posts)
     except ImportError as e:
         raise ImportError(f"the labelling page needs fastapi, jinja2 and python-multipart ({e}); "
                           f"install them with `pip install diffalign[ui]`") from e
