@@ -19,6 +19,7 @@ FORBIDDEN = {
     "algorithms": {"cli", "runtime"},
     "search": {"cli", "runtime", "algorithms"},
     "runtime": {"cli"},
+    "data": {"cli", "runtime", "algorithms", "search", "evaluation"},
 }
 
 
