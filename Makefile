@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 WORKERS ?= 2
 
-.PHONY: install test test-fast demo bench bench-sampling bench-search clean
+.PHONY: install test test-fast demo bench bench-sampling bench-search bench-efficiency clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: $(STAMP)
 
 bench-search: $(STAMP)
 	$(BIN)/python benchmarks/bench_search.py
+
+bench-efficiency: $(STAMP)
+	$(BIN)/python benchmarks/bench_efficiency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -143,6 +143,22 @@ def _eval_section(result: Mapping[str, Any] | None, eval_dir: Path) -> str:
     return "".join(out)
 
 
+def _efficiency_section(run_dir: Path) -> str:
+    """The sample-efficiency curves of ``make bench-efficiency`` when the directory holds them."""
+    import json
+
+    from .efficiency import EFFICIENCY_FILE, efficiency_plot, efficiency_rows
+
+    path = run_dir / EFFICIENCY_FILE
+    if not path.is_file():
+        return ""
+    summary = json.loads(path.read_text())
+    header, rows = efficiency_rows(summary)
+    return ("<h2>Sample efficiency</h2>" + _img(efficiency_plot(summary), "held-out accuracy against generated images")
+            + _table(f"held-out accuracy ({summary.get('eval_prompts', '?')} prompts) against generated images",
+                     header, rows))
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, heldout_drop: float = 0.05,
                  diversity_drop: float = 0.3) -> Path:
     """Write the HTML report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``); returns its path."""
@@ -154,7 +170,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, heldout_
     metrics_path, config_path = run_dir / METRICS_FILE, run_dir / CONFIG_FILE
     eval_dir = run_dir / EVAL_DIR
     eval_path = eval_dir / EVAL_FILE
-    if not any(p.is_file() for p in (metrics_path, config_path, eval_path)):
+    if not any(p.is_file() for p in (metrics_path, config_path, eval_path, run_dir / "efficiency.json")):
         raise FileNotFoundError(f"nothing to report in {run_dir}: expected {METRICS_FILE}, {CONFIG_FILE} or "
                                 f"{EVAL_DIR}/{EVAL_FILE}")
     rows, skipped = read_metrics(metrics_path) if metrics_path.is_file() else ([], 0)
@@ -174,11 +190,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, heldout_
     if config_path.is_file():
         config = (f"<h2>Configuration</h2><details><summary>Resolved config ({e(str(config_path))})</summary>"
                   f"<pre>{e(config_path.read_text())}</pre></details>")
+    efficiency = _efficiency_section(run_dir)
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     body = (f"<main><h1>diffalign report: {e(run_dir.resolve().name)}</h1>"
             f'<p class="meta">{e(str(run_dir.resolve()))} · generated {e(now)} · diffalign {e(__version__)}</p>'
             f"{_hacking_box(reasons, checked, thresholds)}{_curves_section(rows, skipped, metrics_path)}"
-            f"{_eval_section(result, eval_dir)}{config}</main>")
+            f"{_eval_section(result, eval_dir)}{efficiency}{config}</main>")
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>diffalign report: '
             f"{e(run_dir.resolve().name)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
     out = Path(out) if out is not None else run_dir / REPORT_FILE
