@@ -223,3 +223,22 @@ def test_report_renders_in_a_browser(tmp_path):
     assert len(np.unique(px // 16, axis=0)) > 50  # plots, grids, text: many distinct colours
     red = (abs(px[:, 0] - 0xC6) < 12) & (abs(px[:, 1] - 0x28) < 12) & (abs(px[:, 2] - 0x28) < 12)
     assert red.sum() > 2000  # the warning box's thick red border is drawn
+
+
+def test_report_embeds_sample_efficiency_curves(tmp_path):
+    from diffalign.evaluation.efficiency import images_to_reach
+
+    curve_a = [{"images": 0, "eval/heldout_accuracy": 0.3}, {"images": 640, "eval/heldout_accuracy": 0.5}]
+    curve_b = [{"images": 0, "eval/heldout_accuracy": 0.3}, {"images": 640, "eval/heldout_accuracy": 0.35},
+               {"images": 1280, "eval/heldout_accuracy": 0.5}]
+    assert images_to_reach(curve_a, 0.5) == 640 and images_to_reach(curve_b, 0.5) == 1280
+    assert images_to_reach(curve_b, 0.9) is None
+    summary = {"images": 1280, "eval_prompts": 128, "flow_grpo_final": 0.5,
+               "methods": {"flow_grpo": {"curve": curve_b, "wall_s": 10, "images_to_flow_grpo_final": 1280,
+                                         "speedup_vs_flow_grpo": 1.0},
+                           "diffusion_nft": {"curve": curve_a, "wall_s": 5, "images_to_flow_grpo_final": 640,
+                                             "speedup_vs_flow_grpo": 2.0}}}
+    (tmp_path / "efficiency.json").write_text(json.dumps(summary))
+    page = write_report(tmp_path).read_text()
+    assert "Sample efficiency" in page and page.count("data:image/png;base64") == 1
+    assert "<td>diffusion_nft</td>" in page and "<td>2</td>" in page
