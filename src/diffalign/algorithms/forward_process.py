@@ -8,7 +8,8 @@ pretraining objective on freshly noised copies of the generated images,
 
 - **DiffusionNFT** (Zheng et al. 2025, "DiffusionNFT: Online Diffusion Reinforcement with
   Forward Process"): the reward becomes an optimality probability
-  ``r = 1/2 + 1/2 clip(A / A_max, -1, 1)``; from the old policy ``v_old`` and the trained one
+  ``r = 1/2 + 1/2 clip(A, -1, 1)`` (``A`` the reward centred within its prompt's group and divided
+  by the group's std, the paper's normaliser ``Z``); from the old policy ``v_old`` and the trained one
   ``v_theta`` it builds the implicit positive policy ``v+ = (1 - beta) v_old + beta v_theta``
   and negative policy ``v- = (1 + beta) v_old - beta v_theta`` and minimises
   ``r ||v+ - u||^2 + (1 - r) ||v- - u||^2`` (each error measured on the predicted ``x_0`` and
@@ -313,9 +314,10 @@ class NFTConfig(ForwardProcessConfig):
         check_positive("nft_beta", self.nft_beta)
 
 
-def optimality_probability(advantages: Tensor, adv_clip_max: float) -> Tensor:
-    """DiffusionNFT's ``r = 1/2 + 1/2 clip(A / A_max, -1, 1)`` in ``[0, 1]``."""
-    return 0.5 + 0.5 * (advantages / adv_clip_max).clamp(-1, 1)
+def optimality_probability(advantages: Tensor) -> Tensor:
+    """DiffusionNFT's optimality probability ``r = 1/2 + 1/2 clip(A, -1, 1)`` in ``[0, 1]`` for
+    normalised advantages ``A = (r_raw - mean_group) / Z``."""
+    return 0.5 + 0.5 * advantages.clamp(-1, 1)
 
 
 def nft_loss(pred: Tensor, pred_old: Tensor, x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor,
@@ -341,7 +343,7 @@ class DiffusionNFT(ForwardProcessRL):
 
     def policy_loss(self, pred, pred_old, target, x0, x_t, alpha_sigma, t, adv, micro, model):
         cfg = self.cfg
-        r = optimality_probability(adv, cfg.adv_clip_max)
+        r = optimality_probability(adv)
         per = nft_loss(pred, pred_old, x0, x_t, alpha_sigma[0], alpha_sigma[1], r, cfg.nft_beta,
                        model_prediction_type(model), cfg.adaptive_weight)
         return per, {"optimality_mean": r.mean().item()}
