@@ -18,7 +18,7 @@ from torch import Tensor
 from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_index, guided_prediction
 from ..core.steps import SAMPLERS, get_step
-from ._rollout import Batch, reward_stats, rollout
+from ._rollout import Batch, Shard, gathered, reward_stats, rollout
 
 
 @dataclass
@@ -74,6 +74,7 @@ class MicroBatch:
     batch: Batch
     idx: Tensor  # sample indices into the Batch
     step: int  # trajectory step j (x_{t_j} -> x_{t_{j+1}})
+    share: float = 1.0  # N-process run: the fraction of the one-process micro-batch these samples are
 
 
 def gaussian_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
@@ -102,9 +103,15 @@ def reinforce_loss(log_prob: Tensor, advantages: Tensor) -> Tensor:
 
 
 class OnlinePolicyGradient:
-    """``collect`` samples and scores; ``minibatches`` plans the update; ``loss`` scores one micro-batch."""
+    """``collect`` samples and scores; ``minibatches`` plans the update; ``loss`` scores one micro-batch.
+
+    In an N-process run the runtime sets ``shard``: each process samples its share of the epoch's
+    images, advantages are computed on the gathered rewards, and ``minibatches`` plans the
+    one-process update and keeps this process's part of every micro-batch (``MicroBatch.share``).
+    """
 
     name = "policy_gradient"
+    shard: Shard = Shard()
 
     def __init__(self, cfg: PolicyGradientConfig, *, reward: Callable, reference: Callable | None = None):
         if cfg.beta > 0 and reference is None:
@@ -126,10 +133,13 @@ class OnlinePolicyGradient:
         gen = torch.Generator().manual_seed(seed)
         batch = rollout(model, prompts, self.reward, group_size=cfg.group_size, sampler=cfg.sampler,
                         num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                        sde_steps=self.sde_steps(epoch, gen), seed=seed, **self.step_kw)
-        adv = self.advantages(batch)
-        batch.advantages = torch.where(batch.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
-        batch.info.update(reward_stats(batch))
+                        sde_steps=self.sde_steps(epoch, gen), seed=seed, shard=self.shard, **self.step_kw)
+        full = gathered(batch, prompts, self.shard)  # every process computes the same statistics
+        adv = self.advantages(full)
+        adv = torch.where(full.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        batch.advantages = adv[self.shard.part(len(full))]
+        batch.info.update(full.info)
+        batch.info.update(reward_stats(full))
         return batch
 
     def train_steps(self, batch: Batch, generator: torch.Generator) -> list[int]:
@@ -145,11 +155,24 @@ class OnlinePolicyGradient:
     def minibatches(self, batch: Batch, generator: torch.Generator) -> Iterator[list[MicroBatch]]:
         """One list of micro-batches per optimiser step: each step covers a chunk of samples on every
         trained timestep (gradients accumulate over timesteps, as in Flow-GRPO and DDPO)."""
-        cfg = self.cfg
-        perm = torch.randperm(len(batch), generator=generator)
+        cfg, shard = self.cfg, self.shard
+        n = len(batch) * shard.world
+        perm = torch.randperm(n, generator=generator)
         steps = self.train_steps(batch, generator)
         for chunk in perm.chunk(cfg.steps_per_epoch):
-            yield [MicroBatch(batch, idx, j) for j in steps for idx in chunk.split(cfg.micro_batch_size)]
+            yield [self._own_part(batch, idx, j, shard.part(n))
+                   for j in steps for idx in chunk.split(cfg.micro_batch_size)]
+
+    def _own_part(self, batch: Batch, idx: Tensor, j: int, own: slice) -> MicroBatch:
+        """This process's part of the one-process micro-batch ``idx`` (global sample indices). Every
+        process runs every micro-batch, so a process that holds none of it runs one of its samples
+        with ``share`` 0 (data-parallel training needs the same backward passes everywhere)."""
+        if self.shard.world == 1:
+            return MicroBatch(batch, idx, j)
+        mine = idx[(idx >= own.start) & (idx < own.stop)] - own.start
+        if len(mine) == 0:
+            return MicroBatch(batch, idx.new_zeros(1), j, share=0.0)
+        return MicroBatch(batch, mine, j, share=len(mine) / len(idx))
 
     def loss(self, model, micro: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         cfg, batch, idx, j = self.cfg, micro.batch, micro.idx, micro.step

@@ -6,19 +6,47 @@ advantages -- GRPO's per-group normalisation (Shao et al. 2024, "DeepSeekMath"; 
 DDPO's per-prompt statistics tracking (Black et al. 2023). A reward that returns NaN/inf or
 raises drops the affected samples (they get zero advantage and are counted), so the update
 stays finite and the run goes on.
+
+In an N-process run (``Shard``) each process samples and scores its contiguous share of the
+epoch's images, and the rewards are gathered before the advantages are computed, so a group
+that straddles two processes is normalised exactly as in the one-process run.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.parametrization import cond_cat, cond_index
 from ..core.sampling import sample, seeded_noise
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of an epoch in an N-process run: samples
+    ``[rank * n / world, (rank + 1) * n / world)`` of a global batch of ``n``, and ``gather``, which
+    concatenates a tensor (the same shape on every process) over processes in rank order.
+    ``runtime.distributed.process_shard`` builds it; the default is the one-process run."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[Tensor], Tensor] | None = None
+
+    def part(self, n: int) -> slice:
+        if n % self.world:
+            raise ValueError(f"a batch of {n} samples cannot be split evenly over {self.world} processes; "
+                             f"use a batch size that is a multiple of {self.world}")
+        k = n // self.world
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+    def all(self, t: Tensor) -> Tensor:
+        """``t`` of every process, concatenated in rank order (``t`` itself in a one-process run)."""
+        return t if self.world == 1 else self.gather(t)
 
 
 @dataclass
@@ -118,39 +146,105 @@ class PerPromptStatTracker:
             self.stats[p].extend(v)
 
 
+class _OwnRows:
+    """The policy evaluated on some rows of a rollout chunk only: the rows this process owns.
+
+    A stochastic step draws its noise for the whole chunk from one generator. To sample exactly the
+    images of the one-process run, every process replays each chunk's draws and runs the model on
+    its own rows; the other rows get a zero prediction and are dropped afterwards."""
+
+    def __init__(self, model, rows: Tensor, size: int, cond: Any, uncond: Any):
+        self.model, self.rows, self.size, self.cond, self.uncond = model, rows, size, cond, uncond
+        self.prediction_type, self.schedule = model.prediction_type, model.schedule
+
+    def __call__(self, x_t: Tensor, t: Tensor, _placeholder: Any) -> Tensor:
+        if len(self.rows) == 0:
+            return torch.zeros_like(x_t)
+        if x_t.shape[0] == 2 * self.size:  # both guidance branches in one batch (`guided_prediction`)
+            rows, cond = torch.cat([self.rows, self.rows + self.size]), cond_cat(self.cond, self.uncond)
+        else:
+            rows, cond = self.rows, self.cond
+        pred = self.model(x_t[rows], t[rows], cond)
+        out = x_t.new_zeros(x_t.shape, dtype=pred.dtype)
+        out[rows] = pred
+        return out
+
+
+def _own_chunk(model, chunk: slice, own: slice, cond: Any, uncond: Any, noise: Tensor):
+    """``(policy, cond, uncond, initial noise, kept rows)`` that sample the rollout's ``chunk`` on a
+    process that owns samples ``own`` (its ``cond``, ``uncond`` and ``noise`` hold those rows only)."""
+    lo, hi = max(chunk.start, own.start), min(chunk.stop, own.stop)
+    rows = torch.arange(lo - chunk.start, hi - chunk.start) if hi > lo else torch.zeros(0, dtype=torch.long)
+    mine = slice(lo - own.start, hi - own.start) if hi > lo else slice(0, 0)
+    size = chunk.stop - chunk.start
+    x1 = noise.new_zeros((size, *noise.shape[1:]))
+    x1[rows] = noise[mine]
+    policy = _OwnRows(model, rows.to(noise.device), size, cond_index(cond, mine),
+                      None if uncond is None else cond_index(uncond, mine))
+    placeholder = torch.zeros(size, device=noise.device)  # the real conditioning lives in the policy
+    return policy, placeholder, None if uncond is None else placeholder, x1, rows
+
+
 @torch.no_grad()
 def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sampler: str, num_steps: int,
             eta: float | None, guidance_scale: float, sde_steps: Collection[int] | None, seed: int,
-            batch_size: int = 64, clip_sample: float = 0.0) -> Batch:
+            batch_size: int = 64, clip_sample: float = 0.0, shared_noise: bool = False,
+            shard: Shard = Shard()) -> Batch:
     """Sample ``group_size`` trajectories per prompt, score them, and store everything PPO needs.
 
     Noise for image ``i`` comes from seed ``seed + i``; the SDE noise from ``seed``, so a rollout is a
-    pure function of the model weights and ``seed`` (exact resume).
+    pure function of the model weights and ``seed`` (exact resume). ``shared_noise``: every
+    trajectory of a group starts from the group's first noise, so they differ only by the
+    sampler's per-step noise (D3PO's pairs, Yang et al. 2024). With the ``shard`` of an N-process
+    run the batch holds this process's samples only: rows ``shard.part(n)`` of the one-process
+    rollout, equal to them up to float rounding.
     """
     all_prompts = [p for p in prompts for _ in range(group_size)]
     group = torch.arange(len(prompts)).repeat_interleave(group_size)
+    n = len(all_prompts)
+    own = shard.part(n)
     device = next(model.parameters()).device
-    cond = model.encode_prompts(all_prompts)
-    uncond = model.encode_prompts([""] * len(all_prompts)) if guidance_scale != 1.0 else None
-    noise = seeded_noise(model.sample_shape, [seed + i for i in range(len(all_prompts))], device)
+    cond = model.encode_prompts(all_prompts[own])
+    uncond = model.encode_prompts([""] * (own.stop - own.start)) if guidance_scale != 1.0 else None
+    first = [seed + (i // group_size) * group_size if shared_noise else seed + i for i in range(n)]
+    noise = seeded_noise(model.sample_shape, first[own], device)
     gen = torch.Generator(device).manual_seed(seed)
-    from ..core.parametrization import cond_index
 
-    parts = []
-    for i in range(0, len(all_prompts), batch_size):
-        sl = slice(i, i + batch_size)
-        parts.append(sample(model, cond_index(cond, sl), sampler=sampler, num_steps=num_steps,
-                            guidance_scale=guidance_scale, noise=noise[sl],
-                            uncond=None if uncond is None else cond_index(uncond, sl), eta=eta,
-                            sde_steps=sde_steps, return_trajectory=True, generator=gen, clip_sample=clip_sample))
-    latents = torch.cat([p.latents for p in parts])
+    latents, log_probs = [], []
+    for i in range(0, n, batch_size):
+        sl = slice(i, min(i + batch_size, n))
+        if shard.world == 1:
+            policy, c, u, x1, keep = (model, cond_index(cond, sl), None if uncond is None else cond_index(uncond, sl),
+                                      noise[sl], slice(None))
+        else:
+            policy, c, u, x1, keep = _own_chunk(model, sl, own, cond, uncond, noise)
+        traj = sample(policy, c, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, noise=x1,
+                      uncond=u, eta=eta, sde_steps=sde_steps, return_trajectory=True, generator=gen,
+                      clip_sample=clip_sample)
+        latents.append(traj.latents[keep])
+        log_probs.append(traj.log_probs[keep])
+    latents = torch.cat(latents)
     images = model.decode(latents[:, -1]).float()
-    rewards, n_failed = safe_reward(reward, images, all_prompts)
+    rewards, n_failed = safe_reward(reward, images, all_prompts[own])
     valid = ~torch.isnan(rewards)
-    return Batch(prompts=all_prompts, group=group, cond=cond, uncond=uncond, latents=latents,
-                 log_probs=torch.cat([p.log_probs for p in parts]), t=parts[0].t, sde_mask=parts[0].sde_mask,
+    return Batch(prompts=all_prompts[own], group=group[own], cond=cond, uncond=uncond, latents=latents,
+                 log_probs=torch.cat(log_probs), t=traj.t, sde_mask=traj.sde_mask,
                  rewards=rewards, advantages=torch.zeros_like(rewards), valid=valid, images=images.cpu(),
                  info={"reward_failed": float(n_failed)})
+
+
+def gathered(batch: Batch, prompts: list[str], shard: Shard) -> Batch:
+    """The epoch's rewards as one batch: ``batch`` (this process's samples) with its reward fields
+    -- prompts, group ids, rewards, validity -- gathered over processes in rank order, so that
+    per-group (GRPO) and per-prompt (DDPO) statistics see every sample of a group wherever it was
+    sampled. ``prompts`` are the epoch's prompts (the group ids index them). The other fields stay
+    this process's own: use the result for statistics only."""
+    if shard.world == 1:
+        return batch
+    group, rewards = shard.all(batch.group), shard.all(batch.rewards)
+    valid = ~torch.isnan(rewards)
+    return replace(batch, prompts=[prompts[int(g)] for g in group], group=group, rewards=rewards, valid=valid,
+                   advantages=torch.zeros_like(rewards), info={"reward_failed": float((~valid).sum())})
 
 
 def reward_stats(batch: Batch) -> dict[str, float]:
