@@ -214,3 +214,27 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_flow_dir, tm
     a, b = load_model(final), load_model(resumed)
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def test_guided_training_with_a_detached_unconditional_branch_trains_through_the_conditional_one():
+    model = tiny_model()
+    cfg, cls = build("awm", train_guidance_scale=3.0)
+    algo = cls(cfg, reward=verifier_reward)
+    x = torch.randn(2, 3, 32, 32)
+    t = torch.tensor([0.7, 0.4])
+    with torch.no_grad():
+        cond, uncond = model.encode_prompts(["two red circles", "a blue square"]), model.encode_prompts(["", ""])
+    params = list(model.unet.parameters())
+    g_detached = torch.autograd.grad(algo.predict(model, x, t, cond, uncond, 3.0, True).sum(), params)
+    g_cond = torch.autograd.grad(3.0 * model(x, t, cond).sum(), params)
+    for a, b in zip(g_detached, g_cond):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    g_full = torch.autograd.grad(algo.predict(model, x, t, cond, uncond, 3.0, False).sum(), params)
+    assert max((a - b).abs().max().item() for a, b in zip(g_full, g_cond)) > 1e-2
+
+
+def test_negative_weight_scales_only_negative_advantages():
+    model = tiny_model()
+    cfg, cls = build("awm", negative_weight=0.0)
+    batch = cls(cfg, reward=verifier_reward).collect(model, ["two red circles", "a blue square"], epoch=0, seed=3)
+    assert (batch.advantages >= 0).all() and (batch.advantages > 0).any()

@@ -48,7 +48,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..config import check_choice, check_positive, check_range
-from ..core.parametrization import cond_index, from_x0_eps, guided_prediction, to_x0_eps
+from ..core.parametrization import cfg as cfg_combine
+from ..core.parametrization import cond_cat, cond_index, from_x0_eps, guided_prediction, to_x0_eps
 from ..core.steps import SAMPLERS
 from ._policy_gradient import model_prediction_type, model_schedule, _unwrap
 from ._rollout import Batch, group_advantages, reward_stats, rollout
@@ -62,13 +63,15 @@ class ForwardProcessConfig:
     eta: float = -1.0  # the sampler's noise level; -1 = the sampler's default
     num_steps: int = 10  # sampling steps of the rollouts
     guidance_scale: float = 3.0  # CFG of the rollouts
-    train_guidance_scale: float = 3.0  # CFG of the prediction that is trained (1 = conditional only, CFG-free)
+    train_guidance_scale: float = 1.0  # CFG of the prediction that is trained (1 = conditional only, CFG-free)
+    detach_uncond: bool = True  # guided training: the unconditional branch enters without gradient
     timesteps_per_sample: int = 2  # noise levels drawn per image per pass
     t_min: float = 0.0  # training times are drawn from [t_min, t_max] (t = 1 is pure noise)
     t_max: float = 1.0
     t_dist: str = "uniform"  # uniform | logit_normal (restricted to [t_min, t_max])
     adv_clip_max: float = 5.0  # advantages are clipped to [-A, A]
     std_normalize: bool = True  # divide by the group's reward std (False: centre only)
+    negative_weight: float = 1.0  # scale of negative advantages (0: learn from the better-than-average samples only)
     beta: float = 0.0  # KL (velocity MSE) to the reference (pretrained) model
     kl_guidance_scale: float = 1.0  # CFG of the reference prediction in the KL term (CRD anchors to the guided model)
     decay_start: float = 0.0  # old-policy decay schedule d = min(start + slope * epoch, max)
@@ -102,6 +105,7 @@ class ForwardProcessConfig:
             raise ValueError(f"t_min={self.t_min} must be < t_max={self.t_max}")
         check_choice("t_dist", self.t_dist, ["uniform", "logit_normal"])
         check_positive("adv_clip_max", self.adv_clip_max)
+        check_range("negative_weight", self.negative_weight, 0, 1)
         check_range("beta", self.beta, 0, None)
         for name in ("decay_start", "decay_max"):
             check_range(name, getattr(self, name), 0, 1, hi_open=True)
@@ -202,6 +206,7 @@ def final_rollout(model, prompts: list[str], reward: Callable, cfg: ForwardProce
 def finish_batch(batch: Batch, model, cfg: ForwardProcessConfig) -> Batch:
     """Group advantages (clipped, 0 where the reward failed), reward stats, the empty prompt if needed."""
     adv = group_advantages(batch.rewards, batch.group, std=cfg.std_normalize)
+    adv = torch.where(adv < 0, cfg.negative_weight * adv, adv)
     batch.advantages = torch.where(batch.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
     batch.info.update(reward_stats(batch))
     if batch.uncond is None and (cfg.train_guidance_scale != 1.0 or cfg.kl_guidance_scale != 1.0):
@@ -213,6 +218,7 @@ class ForwardProcessRL:
     """Shared rollout / time sampling / old-policy bookkeeping; subclasses define ``policy_loss``."""
 
     name = "forward_process"
+    spread_micro_batches = True  # ``loss`` has no side effects: processes may split each step's micro-batches
 
     def __init__(self, cfg: ForwardProcessConfig, *, reward: Callable, reference: Callable | None = None):
         if cfg.beta > 0 and reference is None:
@@ -259,8 +265,18 @@ class ForwardProcessRL:
         uncond = None if batch.uncond is None else cond_index(batch.uncond, micro.idx)
         return x0, x_t, t.to(x0.dtype), cond, uncond, target, torch.stack([alpha, sigma])
 
-    def predict(self, fn, x_t: Tensor, t: Tensor, cond: Any, uncond: Any, scale: float) -> Tensor:
-        return guided_prediction(fn, x_t, t, cond, uncond if scale != 1.0 else None, scale)
+    def predict(self, fn, x_t: Tensor, t: Tensor, cond: Any, uncond: Any, scale: float,
+                detach_uncond: bool = False) -> Tensor:
+        """The (guided) prediction. With ``detach_uncond`` the unconditional branch is a constant of
+        the gradient: ``u + w (c - u)`` trains through ``c`` only. Trained with the gradient through
+        both branches, the matching loss pushes the unconditional branch *away* from the target
+        (its coefficient is ``1 - w < 0``) and the guided policy diverges (measured)."""
+        if scale == 1.0:
+            return fn(x_t, t, cond)
+        if not detach_uncond:
+            return guided_prediction(fn, x_t, t, cond, uncond, scale)
+        c, u = fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(cond, uncond)).chunk(2)
+        return cfg_combine(c, u.detach(), scale)
 
     def kl_term(self, pred: Tensor, x_t: Tensor, t: Tensor, cond: Any, uncond: Any) -> Tensor:
         """Velocity-space KL surrogate ``||v_theta - v_ref||^2`` against the (guided) reference."""
@@ -274,7 +290,7 @@ class ForwardProcessRL:
     def loss(self, model, micro: ForwardMicroBatch) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         x0, x_t, t, cond, uncond, target, alpha_sigma = self.noised(model, micro)
-        pred = self.predict(model, x_t, t, cond, uncond, cfg.train_guidance_scale)
+        pred = self.predict(model, x_t, t, cond, uncond, cfg.train_guidance_scale, cfg.detach_uncond)
         with torch.no_grad():
             pred_old = self.predict(self.old.bind(model), x_t, t, cond, uncond, cfg.train_guidance_scale)
         adv = micro.batch.advantages[micro.idx].to(pred.device)
