@@ -172,6 +172,8 @@ def test_old_policy_follows_its_decay_schedule():
     ({"batch_size": 10}, "multiple of group_size"),
     ({"decay_max": 1.0}, "decay_max"),
     ({"sample_with": "ema"}, "sample_with"),
+    ({"x0_clip": -1.0}, "x0_clip"),
+    ({"negative_weight": 2.0}, "negative_weight"),
 ])
 def test_bad_forward_process_config(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -239,6 +241,13 @@ def test_negative_weight_scales_only_negative_advantages():
     cfg, cls = build("awm", negative_weight=0.0)
     batch = cls(cfg, reward=verifier_reward).collect(model, ["two red circles", "a blue square"], epoch=0, seed=3)
     assert (batch.advantages >= 0).all() and (batch.advantages > 0).any()
+
+
+def test_x0_clip_clamps_the_training_samples_to_the_decoded_range():
+    model = tiny_model()
+    cfg, cls = build("awm", x0_clip=0.5)
+    batch = cls(cfg, reward=verifier_reward).collect(model, ["two red circles", "a blue square"], epoch=0, seed=3)
+    assert batch.latents.abs().max() <= 0.5
 
 
 # ----- it learns ----------------------------------------------------------------------------------

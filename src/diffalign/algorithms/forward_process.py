@@ -71,6 +71,8 @@ class ForwardProcessConfig:
     t_dist: str = "uniform"  # uniform | logit_normal (restricted to [t_min, t_max])
     adv_clip_max: float = 5.0  # advantages are clipped to [-A, A]
     std_normalize: bool = True  # divide by the group's reward std (False: centre only)
+    x0_clip: float = 0.0  # clamp the generated samples to [-c, c] before training on them (pixel-space models: 1, the
+    # range the decoded image -- what the reward saw -- is clamped to); 0 = off (latent models)
     negative_weight: float = 1.0  # scale of negative advantages (0: learn from the better-than-average samples only)
     beta: float = 0.0  # KL (velocity MSE) to the reference (pretrained) model
     kl_guidance_scale: float = 1.0  # CFG of the reference prediction in the KL term (CRD anchors to the guided model)
@@ -106,6 +108,7 @@ class ForwardProcessConfig:
         check_choice("t_dist", self.t_dist, ["uniform", "logit_normal"])
         check_positive("adv_clip_max", self.adv_clip_max)
         check_range("negative_weight", self.negative_weight, 0, 1)
+        check_range("x0_clip", self.x0_clip, 0, None)
         check_range("beta", self.beta, 0, None)
         for name in ("decay_start", "decay_max"):
             check_range(name, getattr(self, name), 0, 1, hi_open=True)
@@ -199,6 +202,8 @@ def final_rollout(model, prompts: list[str], reward: Callable, cfg: ForwardProce
                     eta=None if cfg.eta == -1.0 else cfg.eta, guidance_scale=cfg.guidance_scale, sde_steps=None,
                     seed=seed)
     batch.latents = batch.latents[:, -1].contiguous()
+    if cfg.x0_clip > 0:
+        batch.latents = batch.latents.clamp(-cfg.x0_clip, cfg.x0_clip)
     batch.log_probs = batch.log_probs[:, :0]
     return batch
 
