@@ -78,7 +78,7 @@ def memory_table(args) -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"T={r['T']:3d} K={r['K']:3d} checkpoint={str(r['checkpoint']):5s} "
+        print(f"T={r['T']:3d} K={r['K']:3d} checkpoint={r['checkpoint']!s:5s} "
               f"peak +{r['peak_mb']:8.1f} MB  {r['seconds']:6.2f} s", flush=True)
     unit = "MB of GPU memory (max_memory_allocated)" if args.device.startswith("cuda") else "MB of peak RSS"
     print(f"\nbatch {args.batch}, model {args.model}, device {args.device}; growth over a no-grad chain in {unit}")

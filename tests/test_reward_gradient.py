@@ -4,10 +4,12 @@ it-learns runs on shapes-flow, exact resume and bad input."""
 
 import pytest
 import torch
+from test_online_rl import tiny_model
+from test_trainer import rows, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
 from torch import nn
 
 from diffalign import algorithms, rewards
-from diffalign.algorithms.reward_gradient import GradientMicroBatch, one_step_x0
+from diffalign.algorithms.reward_gradient import one_step_x0
 from diffalign.algorithms.vgg_flow import consistency_loss, matching_loss
 from diffalign.core.parametrization import guided_prediction, to_x0_eps
 from diffalign.core.sampling import generate
@@ -17,8 +19,6 @@ from diffalign.rewards.registry import _resolve
 from diffalign.runtime.lora import Reference
 from diffalign.runtime.prompts import PromptsConfig
 from diffalign.runtime.trainer import TrainConfig, train
-from test_online_rl import tiny_model
-from test_trainer import rows, tiny_dirs  # noqa: F401  (tiny_dirs is a fixture)
 
 PROMPTS = ["two red circles", "a blue square left of a green triangle", "one yellow square", "three purple triangles"]
 
@@ -329,3 +329,33 @@ def test_configs_are_valid(name):
     if name.endswith("_shapes"):
         assert cfg.reward == "shapes_soft" and "shapes" in cfg.heldout_rewards and cfg.eval_every > 0
     assert algo.prompts_per_epoch > 0
+
+
+# ----- real-model code on tiny random diffusers pipelines ------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,method,algo", [
+    ("sd", "draft_lv", {"sampler": "ddim", "eta": 0.0}),
+    ("sd3", "alignprop", {"k_max": 2}),
+    ("sd3", "vgg_flow", {"beta": 0.01, "value_net": False}),
+])
+def test_lora_training_on_a_tiny_diffusers_pipeline_with_clipscore(tmp_path, arch, method, algo):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tiny_pipelines import BUILDERS
+
+    from diffalign.rewards.testing import save_tiny_clip
+
+    pipe = BUILDERS[arch](tmp_path / arch)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    cfg = TrainConfig(model=str(pipe), method=method, reward="clipscore",
+                      reward_kwargs={"path": str(save_tiny_clip(tmp_path / "clip"))}, prompts=PromptsConfig(file=str(prompts)),
+                      epochs=2, lr=1e-2, lora_rank=4, checkpoint_every=2,
+                      algorithm={"batch_size": 2, "micro_batch_size": 2, "num_steps": 3, "guidance_scale": 2.0, **algo})
+    final = train(cfg, tmp_path / "run", progress=False)
+    r = rows(tmp_path / "run")
+    assert len(r) == 2 and all(torch.isfinite(torch.tensor(row["loss"])) and row["reward_mean"] > 0 for row in r)
+    assert (final / "lora").is_dir()
+    base, tuned = load_model(pipe), load_model(final)
+    diffs = [(v - w).abs().max().item() for v, w in zip(base.state_dict().values(), tuned.state_dict().values())]
+    assert max(diffs) > 0

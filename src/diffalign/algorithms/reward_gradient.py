@@ -28,14 +28,21 @@ the runtime build the reference model that ``pretrain_data: reference`` samples 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..config import check_choice, check_positive, check_range
-from ..core.parametrization import cond_cat, cond_index, from_x0_eps, guided_prediction, to_x0_eps
+from ..core.parametrization import (
+    cond_cat,
+    cond_index,
+    from_x0_eps,
+    guided_prediction,
+    to_x0_eps,
+)
 from ..core.sampling import Trajectory, sample, seeded_noise
 from ..core.steps import SAMPLERS, get_step
 from ..worlds import shapes
@@ -54,6 +61,17 @@ def require_differentiable(method: str, reward: Any) -> None:
         raise ValueError(f"method {method!r} backpropagates through the reward, but reward {reward_name(reward)!r} "
                          "is not differentiable (its `differentiable` attribute is not True); use a differentiable "
                          "reward (e.g. shapes_soft, clipscore, pickscore) or an RL method (flow_grpo, ddpo)")
+
+
+def check_batching(cfg: Any) -> None:
+    """The batching fields the reward-gradient configs share (positive sizes that fit together)."""
+    for name in ("batch_size", "micro_batch_size", "steps_per_epoch", "inner_epochs", "num_steps"):
+        check_positive(name, getattr(cfg, name), integer=True)
+    check_range("guidance_scale", cfg.guidance_scale, 0, None)
+    if cfg.micro_batch_size > cfg.batch_size:
+        raise ValueError(f"micro_batch_size={cfg.micro_batch_size} must be <= batch_size={cfg.batch_size}")
+    if cfg.batch_size < cfg.steps_per_epoch:
+        raise ValueError(f"steps_per_epoch={cfg.steps_per_epoch} must be <= batch_size={cfg.batch_size}")
 
 
 @dataclass
@@ -80,11 +98,9 @@ class RewardGradientConfig:
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
-        for name in ("batch_size", "micro_batch_size", "steps_per_epoch", "inner_epochs", "num_steps"):
-            check_positive(name, getattr(self, name), integer=True)
+        check_batching(self)
         check_choice("sampler", self.sampler, list(SAMPLERS))
         check_range("eta", self.eta, 0, 2)
-        check_range("guidance_scale", self.guidance_scale, 0, None)
         check_range("truncation", self.truncation, 0, self.num_steps, integer=True)
         check_range("lv_samples", self.lv_samples, 0, None, integer=True)
         if self.lv_samples and (self.mode != "draft" or self.truncation != 1):
@@ -107,10 +123,6 @@ class RewardGradientConfig:
         check_range("clip_sample", self.clip_sample, 0, None)
         if self.clip_sample and self.sampler != "ddim":
             raise ValueError(f"clip_sample applies to the 'ddim' sampler only, got sampler {self.sampler!r}")
-        if self.micro_batch_size > self.batch_size:
-            raise ValueError(f"micro_batch_size={self.micro_batch_size} must be <= batch_size={self.batch_size}")
-        if self.batch_size < self.steps_per_epoch:
-            raise ValueError(f"steps_per_epoch={self.steps_per_epoch} must be <= batch_size={self.batch_size}")
 
     @property
     def prompts_per_epoch(self) -> int:

@@ -25,8 +25,9 @@ velocity units (``u = G / lambda``, the guidance velocity), so the three are com
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_index, guided_prediction, to_x0_eps
 from ..core.sampling import sample, seeded_noise
 from ._policy_gradient import _unwrap
-from .reward_gradient import GradientBatch, require_differentiable
+from .reward_gradient import GradientBatch, check_batching, require_differentiable
 
 
 @dataclass
@@ -56,9 +57,7 @@ class VGGFlowConfig:
     value_max_grad_norm: float = 1.0  # gradient clipping of phi
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "micro_batch_size", "steps_per_epoch", "inner_epochs", "num_steps"):
-            check_positive(name, getattr(self, name), integer=True)
-        check_range("guidance_scale", self.guidance_scale, 0, None)
+        check_batching(self)
         check_positive("beta", self.beta)
         check_choice("eta_schedule", self.eta_schedule, ["linear", "quadratic", "constant"])
         check_range("timestep_fraction", self.timestep_fraction, 0, 1, lo_open=True)
@@ -66,10 +65,6 @@ class VGGFlowConfig:
             check_positive(name, getattr(self, name))
         for name in ("consistency_weight", "boundary_weight"):
             check_range(name, getattr(self, name), 0, None)
-        if self.micro_batch_size > self.batch_size:
-            raise ValueError(f"micro_batch_size={self.micro_batch_size} must be <= batch_size={self.batch_size}")
-        if self.batch_size < self.steps_per_epoch:
-            raise ValueError(f"steps_per_epoch={self.steps_per_epoch} must be <= batch_size={self.batch_size}")
 
     @property
     def prompts_per_epoch(self) -> int:
