@@ -134,12 +134,20 @@ def guided_prediction(
     cond: Any,
     uncond: Any = None,
     guidance_scale: float = 1.0,
+    negative_model: Callable[[Tensor, Tensor, Any], Tensor] | None = None,
 ) -> Tensor:
-    """One model evaluation with classifier-free guidance (both branches in one batch)."""
+    """One model evaluation with classifier-free guidance (both branches in one batch).
+
+    ``negative_model``: a second denoiser that computes the unconditional branch instead of
+    ``model`` (Diffusion-NPO, Wang et al. 2025: a model trained on reversed preferences, so that
+    guidance pushes away from what people dislike); then the branches are two calls.
+    """
     if guidance_scale == 1.0 or uncond is None:
         if guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale} needs an unconditional `uncond` (got None)")
         return model(x_t, t, cond)
+    if negative_model is not None:
+        return cfg(model(x_t, t, cond), negative_model(x_t, t, uncond), guidance_scale)
     out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(cond, uncond))
     c, u = out.chunk(2)
     return cfg(c, u, guidance_scale)

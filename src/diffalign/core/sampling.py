@@ -76,6 +76,7 @@ def sample(
     schedule: Schedule | None = None,
     checkpoint: bool = False,
     clip_sample: float = 0.0,
+    negative_model: Any = None,
 ) -> Trajectory:
     """Sample from ``model`` starting at ``noise`` (``x_1``).
 
@@ -92,6 +93,8 @@ def sample(
     generator: source of the stochastic steps' noise.
     clip_sample: ``ddim`` only: clamp the predicted x0 to ``[-clip_sample, clip_sample]`` (pixel-space
         epsilon models); 0 = off.
+    negative_model: a denoiser for the unconditional branch of guidance (Diffusion-NPO); see
+        :func:`~diffalign.core.parametrization.guided_prediction`.
     """
     step_fn = get_step(sampler)
     ode_fn = get_step(ODE_COUNTERPART[sampler])
@@ -126,10 +129,11 @@ def sample(
             t_batch = t.to(device=device, dtype=torch.float32).expand(B)
             if checkpoint and i in grad_set:
                 out = torch.utils.checkpoint.checkpoint(
-                    guided_prediction, model, x, t_batch, cond, uncond, guidance_scale, use_reentrant=False
+                    guided_prediction, model, x, t_batch, cond, uncond, guidance_scale, negative_model,
+                    use_reentrant=False
                 )
             else:
-                out = guided_prediction(model, x, t_batch, cond, uncond, guidance_scale)
+                out = guided_prediction(model, x, t_batch, cond, uncond, guidance_scale, negative_model)
             step = fn(x, out, t, t_prev, eta=step_eta, generator=generator, schedule=schedule,
                       prediction_type=model.prediction_type, **step_kw)
         x = step.prev_sample
@@ -158,12 +162,13 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device 
 
 def generate(model: Any, prompts: list[str], seeds: list[int], *, sampler: str = "flow_ode", num_steps: int = 10,
              guidance_scale: float = 1.0, eta: float | None = None, batch_size: int = 256,
-             clip_sample: float = 0.0) -> Tensor:
+             clip_sample: float = 0.0, negative_model: Any = None) -> Tensor:
     """Prompts -> images ``[B, 3, H, W]`` in ``[0, 1]`` for a model with ``encode_prompts``,
     ``sample_shape`` and ``decode`` (the shapes models and the diffusers adapter). No gradients.
 
     Stochastic samplers draw their per-step noise from a generator seeded with ``seeds[0]`` of
-    each batch, so the call is deterministic for given seeds and batch size.
+    each batch, so the call is deterministic for given seeds and batch size. ``negative_model``
+    computes the unconditional branch of guidance (Diffusion-NPO), fed the same empty prompt.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; need one seed per image")
@@ -177,6 +182,6 @@ def generate(model: Any, prompts: list[str], seeds: list[int], *, sampler: str =
             noise = seeded_noise(model.sample_shape, s, device)
             traj = sample(model, cond, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                           noise=noise, uncond=uncond, eta=eta, generator=torch.Generator(device).manual_seed(s[0]),
-                          clip_sample=clip_sample)
+                          clip_sample=clip_sample, negative_model=negative_model)
             out.append(model.decode(traj.x0).float().cpu())
     return torch.cat(out)

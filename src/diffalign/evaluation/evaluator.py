@@ -120,7 +120,7 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
              rewards: Sequence[Any] = (), target: str | None = None, sampler: str | None = None,
              num_steps: int | None = None, guidance_scale: float | None = None, eta: float | None = None,
              base: str | None = None, batch_size: int = 256, out_dir: str | Path | None = None,
-             grid_prompts: int = 8) -> dict[str, Any]:
+             grid_prompts: int = 8, negative_models: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Sample every model on the same ``prompts`` x ``seeds_per_prompt`` seeds and compare them.
 
     models: ``{label: model}``; labels name files, so they match ``LABEL_PATTERN``.
@@ -131,6 +131,8 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
     base: the label of the reference model for drift, FID/KID and win rates.
     out_dir: when given, ``images_<label>.png`` grids of the first ``grid_prompts`` prompts x K
         samples are written there (verified-correct tiles framed green, wrong ones red).
+    negative_models: ``{label: model}``: that label's model is sampled with this model in the
+        unconditional branch of guidance (Diffusion-NPO; ``core.sampling.generate``).
 
     Returns a JSON-able dict (see docs/evaluation.md and ``DEFINITIONS``).
     """
@@ -151,7 +153,8 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
         if hasattr(model, "eval"):
             model.eval()
         try:
-            images = generate(model, flat_prompts, seeds, batch_size=batch_size, **settings)
+            images = generate(model, flat_prompts, seeds, batch_size=batch_size,
+                              negative_model=(negative_models or {}).get(label), **settings)
         finally:
             if was_training:
                 model.train()
