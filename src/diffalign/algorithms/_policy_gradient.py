@@ -18,7 +18,7 @@ from torch import Tensor
 from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_index, guided_prediction
 from ..core.steps import SAMPLERS, get_step
-from ._rollout import Batch, Shard, gathered, reward_stats, rollout
+from ._rollout import Batch, Shard, check_group_batching, gathered, reward_stats, rollout
 
 
 @dataclass
@@ -43,8 +43,6 @@ class PolicyGradientConfig:
         for name in ("group_size", "batch_size", "num_steps", "inner_epochs", "micro_batch_size",
                      "steps_per_epoch"):
             check_positive(name, getattr(self, name), integer=True)
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {self.group_size}")
         check_choice("sampler", self.sampler, [s for s in SAMPLERS if s != "flow_ode"])
         check_choice("loss", self.loss, ["ppo", "reinforce"])
         check_range("eta", self.eta, 0, 2)
@@ -56,11 +54,7 @@ class PolicyGradientConfig:
         check_range("clip_sample", self.clip_sample, 0, None)
         if self.clip_sample and self.sampler != "ddim":
             raise ValueError(f"clip_sample applies to the 'ddim' sampler only, got sampler {self.sampler!r}")
-        if self.batch_size % self.group_size:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of group_size={self.group_size} "
-                             "(every prompt gets a full group)")
-        if self.batch_size % self.steps_per_epoch:
-            raise ValueError(f"steps_per_epoch={self.steps_per_epoch} must divide batch_size={self.batch_size}")
+        check_group_batching(self.group_size, self.batch_size, self.steps_per_epoch)
 
     @property
     def prompts_per_epoch(self) -> int:

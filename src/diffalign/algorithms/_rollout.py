@@ -71,6 +71,18 @@ class Batch:
         return len(self.prompts)
 
 
+def check_group_batching(group_size: int, batch_size: int, steps_per_epoch: int) -> None:
+    """The rollout geometry every online method shares: full groups of >= 2 images per prompt and
+    optimiser steps that split the batch evenly."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {group_size}")
+    if batch_size % group_size:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of group_size={group_size} "
+                         "(every prompt gets a full group)")
+    if batch_size % steps_per_epoch:
+        raise ValueError(f"steps_per_epoch={steps_per_epoch} must divide batch_size={batch_size}")
+
+
 def safe_reward(reward: Callable, images: Tensor, prompts: list[str]) -> tuple[Tensor, int]:
     """Call the reward; return ``(rewards with NaN where it failed, number failed)``.
 

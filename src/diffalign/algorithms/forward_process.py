@@ -52,7 +52,7 @@ from ..core.parametrization import cfg as cfg_combine
 from ..core.parametrization import cond_cat, cond_index, from_x0_eps, guided_prediction, to_x0_eps
 from ..core.steps import SAMPLERS
 from ._policy_gradient import model_prediction_type, model_schedule, _unwrap
-from ._rollout import Batch, group_advantages, reward_stats, rollout
+from ._rollout import Batch, check_group_batching, group_advantages, reward_stats, rollout
 
 
 @dataclass
@@ -88,13 +88,7 @@ class ForwardProcessConfig:
         for name in ("group_size", "batch_size", "num_steps", "timesteps_per_sample", "micro_batch_size",
                      "steps_per_epoch", "inner_epochs"):
             check_positive(name, getattr(self, name), integer=True)
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {self.group_size}")
-        if self.batch_size % self.group_size:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of group_size={self.group_size} "
-                             "(every prompt gets a full group)")
-        if self.batch_size % self.steps_per_epoch:
-            raise ValueError(f"steps_per_epoch={self.steps_per_epoch} must divide batch_size={self.batch_size}")
+        check_group_batching(self.group_size, self.batch_size, self.steps_per_epoch)
         check_choice("sampler", self.sampler, list(SAMPLERS))
         if self.eta != -1.0:
             check_range("eta", self.eta, 0, 2)
