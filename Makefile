@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 WORKERS ?= 2
 
-.PHONY: install test test-fast demo bench bench-sampling bench-search bench-efficiency clean
+.PHONY: install test test-fast demo bench bench-sampling bench-search bench-efficiency bench-reward-gradient clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-search: $(STAMP)
 
 bench-efficiency: $(STAMP)
 	$(BIN)/python benchmarks/bench_efficiency.py
+
+bench-reward-gradient: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_reward_gradient.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

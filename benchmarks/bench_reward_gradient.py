@@ -96,15 +96,21 @@ def hacking(run_dir: Path) -> None:
     from diffalign.evaluation.hacking import detect_hacking
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    first = next((n for n in range(1, len(rows) + 1) if detect_hacking(rows[:n])), None)
+    firing = [rows[n - 1]["epoch"] for n in range(1, len(rows) + 1) if detect_hacking(rows[:n])]
     acc = [(r["epoch"], r["eval/heldout_accuracy"]) for r in rows if "eval/heldout_accuracy" in r]
     print(f"{run_dir}: {len(rows)} epochs")
     if acc:
         print("held-out accuracy by epoch: " + ", ".join(f"{e}: {a:.3f}" for e, a in acc))
-    if first is None:
+    if not firing:
         print("detect_hacking: no warning at any epoch")
         return
-    print(f"detect_hacking: first warning after epoch {rows[first - 1]['epoch']}")
+    spans, start = [], firing[0]  # epochs (curves up to and including them) at which the warning is shown
+    for prev, e in zip(firing, firing[1:] + [None]):
+        if e != prev + 1:
+            spans.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = e
+    first = next(n for n in range(1, len(rows) + 1) if rows[n - 1]["epoch"] == firing[0])
+    print(f"detect_hacking: first warning after epoch {firing[0]}; shown after epochs {', '.join(spans)}")
     for reason in detect_hacking(rows[:first]):
         print("  " + reason)
     print("at the end of the run:")

@@ -226,10 +226,11 @@ SUBSET = ["two red circles", "a blue square above a yellow circle", "three green
           "a purple circle left of a red square"]
 
 
-def surrogate(model, steps):
-    images = generate(model, [p for p in SUBSET for _ in range(2)], list(range(8)), num_steps=steps,
+def surrogate(model, steps, seeds=4):
+    prompts = [p for p in SUBSET for _ in range(seeds)]
+    images = generate(model, prompts, list(range(len(prompts))), num_steps=steps,
                       guidance_scale=3.0)  # the guidance the chain is trained with
-    return rewards.get("shapes_soft")(images, [p for p in SUBSET for _ in range(2)]).mean().item()
+    return rewards.get("shapes_soft")(images, prompts).mean().item()
 
 
 @pytest.mark.slow
@@ -244,7 +245,7 @@ def test_it_learns_the_surrogate_on_a_fixed_prompt_subset(method, extra, tmp_pat
                       checkpoint_every=100, algorithm=algo, prompts=PromptsConfig(file=str(_prompt_file(tmp_path))))
     final = train(cfg, tmp_path / "run", progress=False)
     before, after = surrogate(load_model("shapes-flow"), steps), surrogate(load_model(final), steps)
-    assert after > before + 0.01, (before, after)
+    assert after > before + 0.02, (before, after)
 
 
 def _prompt_file(tmp_path):
