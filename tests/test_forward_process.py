@@ -4,18 +4,23 @@ import json
 
 import pytest
 import torch
+from test_online_rl import tiny_model, verifier_reward
 
 from diffalign import algorithms
 from diffalign.algorithms._rollout import group_advantages
+from diffalign.algorithms.crd import centred_by_group, crd_loss
 from diffalign.algorithms.forward_process import (
-    ForwardProcessConfig, awm_loss, centred_by_group, crd_loss, matching_loss, nft_loss, optimality_probability,
+    ForwardProcessConfig,
+    awm_loss,
+    matching_loss,
+    nft_loss,
+    optimality_probability,
     sample_times,
 )
 from diffalign.core.parametrization import to_x0_eps
 from diffalign.models import load_model
 from diffalign.runtime.prompts import PromptsConfig
 from diffalign.runtime.trainer import TrainConfig, train
-from test_online_rl import tiny_model, verifier_reward
 
 TIMING = {"sample_s", "train_s", "images_per_s", "elapsed_s"}
 METHODS = ["diffusion_nft", "awm", "crd"]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ddpo, forward_process, grpo, npo, preference, reward_gradient, stepwise_preference, vgg_flow
+from . import crd, ddpo, forward_process, grpo, npo, preference, reward_gradient, stepwise_preference, vgg_flow
 
 # method name -> (config class, algorithm class, preset overrides of the config defaults)
 METHODS: dict[str, tuple[type, type, dict[str, Any]]] = {
     **{name: (grpo.GRPOConfig, grpo.GRPO, preset) for name, preset in grpo.PRESETS.items()},
     **{name: (ddpo.DDPOConfig, ddpo.DDPO, preset) for name, preset in ddpo.PRESETS.items()},
     **forward_process.PRESETS,
+    **crd.PRESETS,
     **preference.PRESETS,
     **stepwise_preference.PRESETS,
     **npo.PRESETS,
