@@ -372,7 +372,26 @@ class Trainer:
         return row
 
     def evaluate_heldout(self) -> dict:
-        """Exact verifier accuracy on held-out shapes prompts with the model's default (ODE) sampler."""
+        """Exact verifier accuracy on held-out shapes prompts with the model's default (ODE) sampler
+        (of the EMA weights when ``ema_decay`` > 0)."""
+        with self._ema_weights():
+            return self._evaluate_heldout()
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """With EMA on, the EMA weights (what ``final/`` will hold) stand in for the trained ones."""
+        if self.ema is None:
+            yield
+            return
+        module = self._trainable_module()
+        saved = {k: v.detach().clone() for k, v in module.state_dict().items() if k in self.ema.shadow}
+        self.ema.copy_to(module)
+        try:
+            yield
+        finally:
+            module.load_state_dict(saved, strict=False)
+
+    def _evaluate_heldout(self) -> dict:
         from ..core.sampling import generate
         from ..worlds import shapes
         from .sampling import resolve_sampling
