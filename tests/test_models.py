@@ -35,6 +35,38 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, kind):
     assert torch.equal(a, b)
 
 
+def test_vp_model_returns_epsilon_through_its_v_parametrisation():
+    """shapes-vp: the UNet predicts v and the model returns eps = sigma x_t + alpha v, so the x0 that
+    DDIM and DDPO derive from it stays finite where alpha(t) -> 0 (a direct epsilon UNet's does not)."""
+    from diffalign.core.parametrization import to_x0_eps
+
+    m = tiny("epsilon")
+    assert m.config.output_parametrization == "v" and m.prediction_type == "epsilon"
+    cond = m.encode_prompts(["two red circles", "one blue square"])
+    x_t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1.0, 0.3])
+    with torch.no_grad():
+        eps, v = m(x_t, t, cond), m.unet(x_t, t, cond)
+    alpha, sigma = m.schedule.alpha_sigma(t.double())
+    alpha, sigma = alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
+    assert torch.allclose(eps, sigma * x_t + alpha * v, atol=1e-6)
+    x0, _ = to_x0_eps(eps, x_t, alpha, sigma, "epsilon")
+    assert torch.isfinite(x0).all() and x0.abs().max() < 50  # alpha(1) = 5e-5 on the cosine schedule
+    direct = tiny("epsilon")
+    direct.config.output_parametrization = "direct"
+    with torch.no_grad():
+        x0_direct, _ = to_x0_eps(direct(x_t, t, cond), x_t, alpha, sigma, "epsilon")
+    assert x0_direct[0].abs().max() > 100 * x0[0].abs().max()
+
+
+def test_output_parametrization_is_checked():
+    cfg = default_config("flow", list(shapes.VOCAB))
+    with pytest.raises(ValueError, match="output_parametrization must be 'direct' or 'v', got 'x0'"):
+        type(cfg)(vocab=cfg.vocab, output_parametrization="x0")
+    with pytest.raises(ValueError, match="applies to prediction_type 'epsilon' only, got prediction_type 'flow'"):
+        type(cfg)(vocab=cfg.vocab, prediction_type="flow", output_parametrization="v")
+
+
 def test_images_depend_only_on_their_seed():
     m = tiny()
     a = generate(m, ["one red circle"] * 3, [5, 6, 7], num_steps=2)
@@ -65,7 +97,7 @@ def test_short_name_without_shipped_weights_says_how_to_build_them(monkeypatch, 
         resolve_model_path("shapes-vp")
 
 
-@pytest.mark.parametrize("name", ["shapes-flow"])  # shapes-vp is not shipped yet (see docs/shapes.md)
+@pytest.mark.parametrize("name", ["shapes-flow", "shapes-vp"])
 def test_shipped_weights_load_and_beat_chance(name):
     """A real check of the shipped weights: the verifier scores their images far above what an
     untrained model of the same architecture gets on the same prompts and seeds."""
@@ -80,10 +112,11 @@ def test_shipped_weights_load_and_beat_chance(name):
     assert res.correct.mean() >= 0.25
 
 
-def test_pretraining_lowers_the_loss(tmp_path):
+@pytest.mark.parametrize("variant", ["flow", "vp"])
+def test_pretraining_lowers_the_loss(tmp_path, variant):
     from diffalign.runtime.pretrain import PretrainConfig, batch_for_step, loss_fn, pretrain
 
-    cfg = PretrainConfig(model="flow", steps=60, batch_size=16, lr=2e-3, warmup=5, log_every=10,
+    cfg = PretrainConfig(model=variant, steps=60, batch_size=16, lr=2e-3, warmup=5, log_every=10,
                          checkpoint_every=30, ema_decay=0.8)
     model = pretrain(cfg, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     def pretrain(
         out: Path = typer.Option(..., help="Output directory (model + checkpoint + metrics)."),
         world: str = typer.Option("shapes", help="The embedded world to pretrain on."),
-        model: str = typer.Option("flow", help="flow (velocity, rectified flow) or vp (epsilon, DDPM)."),
+        model: str = typer.Option("flow", help="flow (velocity, rectified flow) or vp (epsilon, cosine VP schedule)."),
         resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.pt."),
         force: bool = typer.Option(False, help="Resume even if the config changed."),
         overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. steps=100 lr=5e-4."),

@@ -47,10 +47,19 @@ class ShapesModelConfig:
     num_steps: int = 10
     guidance_scale: float = 3.0
     clip_sample: float = 0.0  # ddim: clamp predicted x0 to [-c, c] (the VP/epsilon model needs it)
+    # "direct": the UNet's output is the prediction. "v" (epsilon models only): the UNet predicts the
+    # velocity v = alpha eps - sigma x0 and the model returns eps = sigma x_t + alpha v -- epsilon at the
+    # contract, preconditioned so the output stays exact where alpha -> 0 (see docs/shapes.md)
+    output_parametrization: str = "direct"
 
     def __post_init__(self) -> None:
         check_prediction_type(self.prediction_type)
         self.channels = tuple(self.channels)
+        if self.output_parametrization not in ("direct", "v"):
+            raise ValueError(f"output_parametrization must be 'direct' or 'v', got {self.output_parametrization!r}")
+        if self.output_parametrization == "v" and self.prediction_type != "epsilon":
+            raise ValueError("output_parametrization 'v' applies to prediction_type 'epsilon' only, "
+                             f"got prediction_type {self.prediction_type!r}")
         if self.image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
 
@@ -227,7 +236,14 @@ class ShapesDenoiser(nn.Module):
         return TextCond(self.text_encoder(ids, pad), pad)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: TextCond) -> Tensor:
-        return self.unet(x_t, t, cond)
+        out = self.unet(x_t, t, cond)
+        if self.config.output_parametrization == "v":  # eps = sigma x_t + alpha v (alpha^2 + sigma^2 = 1)
+            alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t).detach().to("cpu", torch.float64))
+            shape = (-1,) + (1,) * (x_t.dim() - 1)
+            alpha = alpha.to(x_t.device, out.dtype).reshape(shape)
+            sigma = sigma.to(x_t.device, out.dtype).reshape(shape)
+            out = sigma * x_t + alpha * out
+        return out
 
     @staticmethod
     def decode(x: Tensor) -> Tensor:
@@ -277,10 +293,13 @@ def default_config(prediction_type: str, vocab: list[str]) -> ShapesModelConfig:
     The VP variant uses the cosine schedule (Nichol & Dhariwal 2021), which spreads the signal-to-
     noise ratio over t far better than DDPM's linear betas at 32x32 (measured: a linear-beta model
     trained as long drew noise with 10-step DDIM), and clips the predicted x0 to [-1, 1] when sampling.
+    Its UNet is v-parametrised behind the epsilon output (``output_parametrization="v"``): a direct
+    epsilon UNet trained as long as the flow model drew no shapes at all (docs/shapes.md).
     """
     if prediction_type == "flow":
         return ShapesModelConfig(vocab=vocab, prediction_type="flow", schedule=asdict(FlowSchedule()))
     if prediction_type == "epsilon":
         return ShapesModelConfig(vocab=vocab, prediction_type="epsilon", sampler="ddim", clip_sample=1.0,
-                                 schedule=asdict(VPSchedule(beta_schedule="squaredcos_cap_v2")))
+                                 schedule=asdict(VPSchedule(beta_schedule="squaredcos_cap_v2")),
+                                 output_parametrization="v")
     raise ValueError(f"model variant must be 'flow' or 'vp', got {prediction_type!r}")

@@ -31,7 +31,7 @@ from .ema import EMA
 
 @dataclass
 class PretrainConfig:
-    model: str = "flow"  # "flow" (velocity, rectified flow) or "vp" (epsilon, DDPM linear betas)
+    model: str = "flow"  # "flow" (velocity, rectified flow) or "vp" (epsilon, cosine VP schedule, v-parametrised)
     steps: int = 3500  # optimiser steps
     batch_size: int = 64
     lr: float = 1e-3
@@ -77,6 +77,10 @@ def loss_fn(model: ShapesDenoiser, x0: torch.Tensor, cond, generator: torch.Gene
     alpha, sigma = model.schedule.alpha_sigma(t.double())
     alpha, sigma = alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
     x_t = alpha * x0 + sigma * eps
+    if model.config.output_parametrization == "v":
+        # epsilon model preconditioned through v: regress the UNet's raw output on v = alpha eps - sigma x0
+        # (the eps-MSE weighted by 1 / alpha^2, which keeps the high-noise steps that fix layout in play)
+        return torch.mean((model.unet(x_t, t, cond) - (alpha * eps - sigma * x0)) ** 2)
     target = from_x0_eps(x0, eps, alpha, sigma, model.prediction_type)
     return torch.mean((model(x_t, t, cond) - target) ** 2)
 
