@@ -28,7 +28,7 @@ from diffalign.worlds import shapes
 # method -> (reward it searches, options); budgets below a method's minimum are skipped
 METHODS = {
     "best_of_n": ("shapes", {}),
-    "smc": ("shapes", {"potential": "max", "lam": 10.0}),
+    "smc": ("shapes", {"potential": "max", "lam": 1.0}),  # lambda chosen on train-split prompts (docs/search.md)
     "beam": ("shapes", {"beam_width": 2, "lookahead_steps": 2}),
     "code": ("shapes", {"block_size": 2}),
     "svdd": ("shapes", {}),
@@ -44,13 +44,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes-flow")
     p.add_argument("--tuned", default=None, help="fine-tuned model / run directory: adds RLG")
-    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=128)
     p.add_argument("--budgets", default="1,2,4,8", help="samples' worth per image (gradient-free methods)")
     p.add_argument("--grad-budgets", default="2,4,8", help="samples' worth per image (noise optimisation)")
     p.add_argument("--methods", default=",".join(m for m in METHODS if m != "rlg"))
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=540.0, help="skip runs projected to end later")
+    p.add_argument("--max-seconds", type=float, default=3600.0, help="skip runs projected to end later")
     p.add_argument("--out", default="runs/bench-search")
     args = p.parse_args()
 
