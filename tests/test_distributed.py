@@ -191,11 +191,14 @@ def test_advantages_of_a_group_split_over_processes_equal_the_one_process_ones(s
     # the batch of 12 = 3 groups of 4 is split 6 / 6: group 1 straddles the two processes
     assert set(parts[0]["batch"][0]["group"].tolist()) & set(parts[1]["batch"][0]["group"].tolist()) == {1}
     for e, b in enumerate(one):
-        # each process sampled its rows of the one-process rollout (up to float rounding at the tensor's
-        # scale: the random VP model's latents reach 1e5)
+        # each process sampled its rows of the one-process rollout, up to float rounding. For the VP
+        # model that rounding is amplified once: DDIM's first step recovers x0 from eps at alpha(1) =
+        # 4.9e-5, so eps's float32 ulp (~6e-8) becomes ~1e-3 in x0 (measured 1.8e-3; 1/255 in image
+        # space is 7.8e-3 here)
         for key in ("latents", "log_probs", "rewards"):
             got, want = torch.cat([p["batch"][e][key] for p in parts]), getattr(b, key)
-            assert (got - want).abs().max() <= 1e-5 * (1 + want.abs().max()), (e, key)
+            tol = 4e-3 if kind == "epsilon" and key == "latents" else 1e-5 * (1 + want.abs().max())
+            assert (got - want).abs().max() <= tol, (e, key, (got - want).abs().max().item())
         # and the advantages are the one-process advantages of those rewards
         rewards = torch.cat([p["batch"][e]["rewards"] for p in parts])
         adv = torch.cat([p["batch"][e]["advantages"] for p in parts])
