@@ -238,10 +238,9 @@ class ShapesDenoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond: TextCond) -> Tensor:
         out = self.unet(x_t, t, cond)
         if self.config.output_parametrization == "v":  # eps = sigma x_t + alpha v (alpha^2 + sigma^2 = 1)
-            alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t).detach().to("cpu", torch.float64))
+            alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(t, device=x_t.device).detach().double())
             shape = (-1,) + (1,) * (x_t.dim() - 1)
-            alpha = alpha.to(x_t.device, out.dtype).reshape(shape)
-            sigma = sigma.to(x_t.device, out.dtype).reshape(shape)
+            alpha, sigma = alpha.to(out.dtype).reshape(shape), sigma.to(out.dtype).reshape(shape)
             out = sigma * x_t + alpha * out
         return out
 
