@@ -305,3 +305,22 @@ def test_cli_eval_with_the_reward_registry(saved_model, tmp_path):
     assert out.returncode == 0, out.stderr
     result = load_eval(tmp_path / "out" / "eval.json")
     assert result["heldout"] == ["brightness"] and result["shapes_world"]
+
+
+def test_a_model_of_another_schedule_family_samples_with_its_own_defaults(models):
+    """A VP model beside a flow base: with no sampler given it samples with its own (DDIM), the
+    shared step count and guidance still apply, and each entry records its settings; a sampler
+    given explicitly is shared and refused where it does not fit."""
+    torch.manual_seed(0)
+    cfg = default_config("epsilon", list(shapes.VOCAB))
+    cfg.channels = (16, 16, 16)
+    vp = ShapesDenoiser(cfg).eval()
+    kw = {"seeds_per_prompt": 2, "rewards": [REWARDS[1]], "num_steps": STEPS, "guidance_scale": 1.0}
+    res = evaluate({"flow": models[0], "vp": vp}, PROMPTS, **kw)
+    assert res["models"]["flow"]["sampling"]["sampler"] == "flow_ode"
+    assert res["models"]["vp"]["sampling"]["sampler"] == "ddim"
+    assert res["models"]["vp"]["sampling"]["num_steps"] == STEPS and res["models"]["vp"]["sampling"]["guidance_scale"] == 1.0
+    alone = evaluate({"vp": vp}, PROMPTS, **kw)  # the same images as when it is evaluated alone
+    assert res["models"]["vp"]["rewards"]["brightness"] == alone["models"]["vp"]["rewards"]["brightness"]
+    with pytest.raises(ValueError, match="needs a flow schedule"):
+        evaluate({"flow": models[0], "vp": vp}, PROMPTS, sampler="flow_ode", **kw)

@@ -61,6 +61,10 @@ def _settings(model: Any, **given: Any) -> dict[str, Any]:
     return out
 
 
+def _schedule_kind(model: Any) -> str | None:
+    return getattr(getattr(model, "schedule", None), "kind", None)
+
+
 def _score(reward: Any, images: torch.Tensor, prompts: list[str], batch_size: int) -> np.ndarray:
     name = getattr(reward, "name", repr(reward))
     out = []
@@ -127,7 +131,10 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
     rewards: reward objects ``reward(images, prompts) -> Tensor[B]`` with a ``name``.
     target: the reward being optimised; every other reward is reported as held-out.
     sampler / num_steps / guidance_scale / eta: sampling settings shared by all models; ``None``
-        takes the value from the base model's (else the first model's) ``sampling_defaults``.
+        takes the value from the base model's (else the first model's) ``sampling_defaults``. With
+        ``sampler=None``, a model of another schedule family (a VP model beside a flow base, say)
+        samples with its own ``sampling_defaults`` (the given step count, guidance and eta still
+        apply); each model's entry records the settings it was sampled with.
     base: the label of the reference model for drift, FID/KID and win rates.
     out_dir: when given, ``images_<label>.png`` grids of the first ``grid_prompts`` prompts x K
         samples are written there (verified-correct tiles framed green, wrong ones red).
@@ -139,6 +146,12 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
     prompts = _validate(models, prompts, seeds_per_prompt, list(rewards), target, base)
     ref = models[base] if base is not None else next(iter(models.values()))
     settings = _settings(ref, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta)
+
+    def settings_for(model: Any) -> dict[str, Any]:
+        if sampler is None and _schedule_kind(model) != _schedule_kind(ref):
+            return _settings(model, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta)
+        return settings
+
     P, K = len(prompts), seeds_per_prompt
     flat_prompts = [p for p in prompts for _ in range(K)]
     seeds = eval_seeds(P, K, seed)
@@ -154,11 +167,12 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
             model.eval()
         try:
             images = generate(model, flat_prompts, seeds, batch_size=batch_size,
-                              negative_model=(negative_models or {}).get(label), **settings)
+                              negative_model=(negative_models or {}).get(label), **settings_for(model))
         finally:
             if was_training:
                 model.train()
-        rec: dict[str, Any] = {"scores": {r.name: _score(r, images, flat_prompts, batch_size) for r in rewards},
+        rec: dict[str, Any] = {"sampling": settings_for(model),
+                               "scores": {r.name: _score(r, images, flat_prompts, batch_size) for r in rewards},
                                "pooled": pooled_pixels(images), "seconds": time.perf_counter() - start}
         small = images if images.shape[-2:] == (ENCODER_INPUT,) * 2 else F.interpolate(images, ENCODER_INPUT,
                                                                                        mode="area")
@@ -179,6 +193,7 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
             "diversity": rec["diversity"],
             "stability": stats[target]["seed_block_std"] if target is not None else None,
             "shapes": None, "vs_base": None, "grid": None, "seconds": round(rec["seconds"], 3),
+            "sampling": rec["sampling"],
         }
         if shapes_world:
             v = rec["verify"]
