@@ -166,12 +166,13 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
         if hasattr(model, "eval"):
             model.eval()
         try:
+            sampling = settings_for(model)
             images = generate(model, flat_prompts, seeds, batch_size=batch_size,
-                              negative_model=(negative_models or {}).get(label), **settings_for(model))
+                              negative_model=(negative_models or {}).get(label), **sampling)
         finally:
             if was_training:
                 model.train()
-        rec: dict[str, Any] = {"sampling": settings_for(model),
+        rec: dict[str, Any] = {"sampling": sampling,
                                "scores": {r.name: _score(r, images, flat_prompts, batch_size) for r in rewards},
                                "pooled": pooled_pixels(images), "seconds": time.perf_counter() - start}
         small = images if images.shape[-2:] == (ENCODER_INPUT,) * 2 else F.interpolate(images, ENCODER_INPUT,

@@ -80,7 +80,7 @@ def loss_fn(model: ShapesDenoiser, x0: torch.Tensor, cond, generator: torch.Gene
     if model.config.output_parametrization == "v":
         # epsilon model preconditioned through v: regress the UNet's raw output on v = alpha eps - sigma x0
         # (the eps-MSE weighted by 1 / alpha^2, which keeps the high-noise steps that fix layout in play)
-        return torch.mean((model.unet(x_t, t, cond) - (alpha * eps - sigma * x0)) ** 2)
+        return torch.mean((model.unet(x_t, t, cond) - from_x0_eps(x0, eps, alpha, sigma, "v_prediction")) ** 2)
     target = from_x0_eps(x0, eps, alpha, sigma, model.prediction_type)
     return torch.mean((model(x_t, t, cond) - target) ** 2)
 
