@@ -1,0 +1,76 @@
+"""benchmarks/gpu_scale.py: every run it names is a valid training config at the scaled batch, and
+its summary reads the trainer's metrics (the training itself runs on a GPU machine)."""
+
+import importlib.util
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from diffalign.config import load_config
+from diffalign.runtime.trainer import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("gpu_scale", ROOT / "benchmarks" / "gpu_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gpu_scale = load()
+
+
+@pytest.mark.parametrize("name", list(gpu_scale.RUNS))
+def test_every_run_is_a_valid_config_at_8x_batch(name):
+    config, extra = gpu_scale.RUNS[name]
+    over = gpu_scale._overrides(config, extra, 8)
+    cfg = load_config(TrainConfig, ROOT / "configs" / f"{config}.yaml", over)
+    base = load_config(TrainConfig, ROOT / "configs" / f"{config}.yaml")
+    for field in gpu_scale.BATCH_FIELDS:
+        if field in base.algorithm and f"algorithm.{field}" not in extra:
+            assert cfg.algorithm[field] == 8 * base.algorithm[field]
+    for key, value in extra.items():
+        if value is None:
+            continue
+        node = cfg
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        assert node == value, key
+
+
+def test_smoke_overrides_make_file_configs_run_without_data():
+    for name, over in gpu_scale.SMOKE_OVERRIDES.items():
+        cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml",
+                          [f"{k}={json.dumps(v) if v == '' else v}" for k, v in over.items()])
+        assert cfg.algorithm["source"] in ("reference", "policy") and cfg.algorithm["data"] == ""
+
+
+def test_curve_and_pack_read_a_run_directory(tmp_path):
+    run = tmp_path / "runs" / "nft"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest.pt").write_bytes(b"x")
+    rows = [{"epoch": 1, "images_seen": 512, "reward_mean": 0.7, "elapsed_s": 3.0},
+            {"epoch": 2, "images_seen": 1024, "reward_mean": 0.8, "elapsed_s": 6.0,
+             "eval/heldout_accuracy": 0.5, "eval/heldout_score": 0.8}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    c = gpu_scale.curve(run)
+    assert c["epochs"] == 2 and c["images"] == 1024 and c["reward_first"] == 0.7 and c["reward_last"] == 0.8
+    assert c["evals"] == [{"epoch": 2, "images": 1024, "elapsed_s": 6.0, "acc": 0.5, "score": 0.8, "reward": 0.8}]
+    gpu_scale.pack(tmp_path / "runs", {"runs": {"nft": c}}, tmp_path / "out")
+    with tarfile.open(tmp_path / "out" / "runs.tgz") as tar:
+        names = tar.getnames()
+    assert "nft/metrics.jsonl" in names and not any("checkpoints" in n for n in names)
+    with tarfile.open(tmp_path / "out" / "final_nft.tgz") as tar:
+        assert tar.getnames()[-1].startswith("nft/final")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_training_config_validates(path):
+    cfg = load_config(TrainConfig, path)
+    assert cfg.method and cfg.epochs > 0
