@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -n $(WORKERS) -q -m "not slow"
 
 demo: $(STAMP)
-	$(BIN)/diffalign demo
+	$(BIN)/diffalign demo $(if $(DEMO_CONFIG),--config $(DEMO_CONFIG))
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sampling.py

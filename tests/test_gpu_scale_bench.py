@@ -26,13 +26,14 @@ gpu_scale = load()
 
 @pytest.mark.parametrize("name", list(gpu_scale.RUNS))
 def test_every_run_is_a_valid_config_at_8x_batch(name):
-    config, extra = gpu_scale.RUNS[name]
-    over = gpu_scale._overrides(config, extra, 8)
+    config, extra, *pinned = gpu_scale.RUNS[name]
+    over = gpu_scale._overrides(config, extra, 8, *pinned)
     cfg = load_config(TrainConfig, ROOT / "configs" / f"{config}.yaml", over)
-    base = load_config(TrainConfig, ROOT / "configs" / f"{config}.yaml")
+    shipped = load_config(TrainConfig, ROOT / "configs" / f"{config}.yaml").algorithm
+    scale1 = {**shipped, **(pinned[0] if pinned else {})}
     for field in gpu_scale.BATCH_FIELDS:
-        if field in base.algorithm and f"algorithm.{field}" not in extra:
-            assert cfg.algorithm[field] == 8 * base.algorithm[field]
+        if field in scale1 and f"algorithm.{field}" not in extra:
+            assert cfg.algorithm[field] == 8 * scale1[field]
     for key, value in extra.items():
         if value is None:
             continue
@@ -40,6 +41,13 @@ def test_every_run_is_a_valid_config_at_8x_batch(name):
         for part in key.split("."):
             node = node[part] if isinstance(node, dict) else getattr(node, part)
         assert node == value, key
+
+
+def test_pinned_runs_are_the_measured_batch():
+    # docs/gpu_scale.md's NFT and CRD rows ran at 512 images per epoch, whatever the shipped config says now
+    for name in ("diffusion_nft", "diffusion_nft_lr3e-5", "crd_lr1e-4"):
+        config, extra, *pinned = gpu_scale.RUNS[name]
+        assert "algorithm.batch_size=512" in gpu_scale._overrides(config, extra, 8, *pinned)
 
 
 def test_smoke_overrides_make_file_configs_run_without_data():

@@ -1,7 +1,8 @@
 """The shapes-world alignment demo behind ``make demo``.
 
 1. evaluate the shipped base model on held-out prompts (verifier accuracy per category, diversity);
-2. fine-tune it with Flow-GRPO on the verifier reward (``configs/demo.yaml``), in ``runs/demo``;
+2. fine-tune it on the verifier reward with ``configs/demo.yaml`` (DiffusionNFT; Flow-GRPO's
+   version is ``configs/demo_flow_grpo.yaml``), in ``runs/demo``;
 3. evaluate base and fine-tuned model on the same prompts and seeds, print the before/after table;
 4. write the HTML report ``runs/demo/report.html``.
 
