@@ -72,7 +72,12 @@ def _overrides(config: str, extra: dict, scale: int, base: dict | None = None) -
     algo = {**raw.get("algorithm", {}), **(base or {})}
     out = {f"algorithm.{k}": algo[k] * scale for k in BATCH_FIELDS if k in algo}
     out.update({k: v for k, v in extra.items() if v is not None})
-    return [f"{k}={json.dumps(v) if isinstance(v, str) and not v else v}" for k, v in out.items()]
+    return _args(out)
+
+
+def _args(over: dict) -> list[str]:
+    """Dotted ``key=value`` overrides; an empty string is written as ``""`` (YAML would read null)."""
+    return [f"{k}={json.dumps(v) if v == '' else v}" for k, v in over.items()]
 
 
 def smoke(args: argparse.Namespace) -> None:
@@ -91,8 +96,7 @@ def smoke(args: argparse.Namespace) -> None:
         over = {"epochs": 2, "checkpoint_every": 2, "eval_every": 0, "max_minutes": 0, "heldout_rewards": "[]",
                 **SMOKE_OVERRIDES.get(name, {})}
         try:
-            cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml",
-                              [f"{k}={json.dumps(v) if isinstance(v, str) and not v else v}" for k, v in over.items()])
+            cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml", _args(over))
             trainer = Trainer(cfg, out / name, progress=False)
             params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
             before = [p.detach().float().clone() for p in params]
@@ -107,7 +111,7 @@ def smoke(args: argparse.Namespace) -> None:
             ok = all(math.isfinite(x) for x in loss) and moved > 0
             print(f"smoke {name:24s} {'ok  ' if ok else 'FAIL'} device {trainer.accelerator.device} "
                   f"loss {loss} max|dparam| {moved:.2e} peak {mem:.0f} MiB {time.time() - t0:.1f}s", flush=True)
-        except Exception:  # report and go on: one broken config must not hide the others
+        except Exception:  # noqa: BLE001 -- report and go on: one broken config must not hide the others
             print(f"smoke {name:24s} ERROR\n" + traceback.format_exc(), flush=True)
     for model in ("shapes-flow", "shapes-vp"):
         cfg = load_config(TrainConfig, None, [f"model={model}", "method=flow_grpo" if model == "shapes-flow"

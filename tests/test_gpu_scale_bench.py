@@ -53,7 +53,7 @@ def test_pinned_runs_are_the_measured_batch():
 def test_smoke_overrides_make_file_configs_run_without_data():
     for name, over in gpu_scale.SMOKE_OVERRIDES.items():
         cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml",
-                          [f"{k}={json.dumps(v) if v == '' else v}" for k, v in over.items()])
+                          gpu_scale._args(over))
         assert cfg.algorithm["source"] in ("reference", "policy") and cfg.algorithm["data"] == ""
 
 
