@@ -57,6 +57,7 @@ RUNS = {
     "flow_grpo_spe8_lr3e-5": ("flow_grpo_shapes", {"lr": 3e-5, "algorithm.steps_per_epoch": 8,
                                                   "algorithm.micro_batch_size": 256}),
 }
+DEFAULT_RUNS = ("flow_grpo", "flow_grpo_demo", "dance_grpo", "diffusion_nft", "awm", "crd", "dpo", "draft", "vgg_flow")
 BATCH_FIELDS = ("batch_size", "pairs_per_epoch", "micro_batch_size")
 # files the smoke pass cannot run as shipped (they read pairs from disk): the same override as above
 SMOKE_OVERRIDES = {"dpo_shapes": {"algorithm.source": "reference", "algorithm.data": ""},
@@ -71,7 +72,7 @@ def _overrides(config: str, extra: dict, scale: int, base: dict | None = None) -
     raw = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())
     algo = {**raw.get("algorithm", {}), **(base or {})}
     out = {f"algorithm.{k}": algo[k] * scale for k in BATCH_FIELDS if k in algo}
-    out.update({k: v for k, v in extra.items() if v is not None})
+    out.update(extra)
     return _args(out)
 
 
@@ -135,7 +136,7 @@ def curve(run_dir: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default=",".join(list(RUNS)[:9]), help="comma-separated subset of " + ",".join(RUNS))
+    p.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated subset of " + ",".join(RUNS))
     p.add_argument("--minutes", type=float, default=5.0, help="training budget of each run")
     p.add_argument("--scale", type=int, default=8, help="batch multiplier over the shipped config")
     p.add_argument("--eval-every", type=int, default=10, help="epochs between held-out evaluations")
@@ -149,6 +150,10 @@ def main() -> None:
     args = p.parse_args()
     if args.tiny:
         args.minutes, args.scale, args.eval_every, args.eval_prompts = 0.1, 1, 1, 8
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        p.error(f"--runs: unknown run(s) {unknown}; known: {', '.join(RUNS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke_only:
@@ -160,7 +165,6 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--smoke-only", "--out", str(out), "--eval-prompts", str(args.eval_prompts)]
         procs["smoke"] = subprocess.Popen(cmd + ["--tiny"] * args.tiny, env=env, stdout=(out / "smoke.log").open("w"),
                                           stderr=subprocess.STDOUT)
-    names = [n for n in args.runs.split(",") if n]
     for name in names:
         config, extra, *base = RUNS[name]
         over = _overrides(config, extra, args.scale, *base)

@@ -35,12 +35,22 @@ def test_every_run_is_a_valid_config_at_8x_batch(name):
         if field in scale1 and f"algorithm.{field}" not in extra:
             assert cfg.algorithm[field] == 8 * scale1[field]
     for key, value in extra.items():
-        if value is None:
-            continue
         node = cfg
         for part in key.split("."):
             node = node[part] if isinstance(node, dict) else getattr(node, part)
         assert node == value, key
+
+
+def test_default_runs_exist_and_an_unknown_run_is_refused(tmp_path, capsys):
+    assert set(gpu_scale.DEFAULT_RUNS) <= set(gpu_scale.RUNS)
+    import sys
+    argv, sys.argv = sys.argv, ["gpu_scale.py", "--runs", "flow_grpo,nope", "--no-smoke", "--out", str(tmp_path)]
+    try:
+        with pytest.raises(SystemExit):
+            gpu_scale.main()
+    finally:
+        sys.argv = argv
+    assert "unknown run(s) ['nope']" in capsys.readouterr().err
 
 
 def test_pinned_runs_are_the_measured_batch():
