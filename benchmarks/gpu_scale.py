@@ -160,10 +160,15 @@ def main() -> None:
         smoke(args)
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs = {}
+    procs, logs = {}, []
+
+    def _log(path: Path):
+        logs.append(path.open("w"))
+        return logs[-1]
+
     if not args.no_smoke:
         cmd = [sys.executable, __file__, "--smoke-only", "--out", str(out), "--eval-prompts", str(args.eval_prompts)]
-        procs["smoke"] = subprocess.Popen(cmd + ["--tiny"] * args.tiny, env=env, stdout=(out / "smoke.log").open("w"),
+        procs["smoke"] = subprocess.Popen(cmd + ["--tiny"] * args.tiny, env=env, stdout=_log(out / "smoke.log"),
                                           stderr=subprocess.STDOUT)
     for name in names:
         config, extra, *base = RUNS[name]
@@ -173,9 +178,11 @@ def main() -> None:
         cmd = [sys.executable, "-m", "diffalign", "train", str(ROOT / "configs" / f"{config}.yaml"), *over,
                "--run-dir", str(out / name)]
         (out / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
-        procs[name] = subprocess.Popen(cmd, env=env, stdout=(out / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
+        procs[name] = subprocess.Popen(cmd, env=env, stdout=_log(out / f"{name}.log"), stderr=subprocess.STDOUT)
     t0 = time.time()
     status = {name: proc.wait() for name, proc in procs.items()}
+    for f in logs:
+        f.close()
     print(f"all runs ended after {time.time() - t0:.0f}s; exit status {status}")
     if "smoke" in procs:
         print((out / "smoke.log").read_text())
