@@ -42,6 +42,10 @@ class ShapesModelConfig:
     text_layers: int = 2
     heads: int = 4
     max_tokens: int = 10
+    # init std of the text encoder's learned position embeddings. 0.02 (the v1 models) left them at norm
+    # ~0.2 beside token embeddings of norm ~8: "A left of B" and "B left of A" encoded to cosine 0.99999.
+    # 1.0 puts them on the tokens' scale from the start (docs/shapes.md, "Learning relations")
+    text_pos_std: float = 0.02
     # default sampler settings (the "default sampler settings" every command starts from)
     sampler: str = "flow_ode"
     num_steps: int = 10
@@ -60,6 +64,8 @@ class ShapesModelConfig:
         if self.output_parametrization == "v" and self.prediction_type != "epsilon":
             raise ValueError("output_parametrization 'v' applies to prediction_type 'epsilon' only, "
                              f"got prediction_type {self.prediction_type!r}")
+        if not self.text_pos_std > 0:
+            raise ValueError(f"text_pos_std must be > 0, got {self.text_pos_std!r}")
         if self.image_size % 8:
             raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
 
@@ -92,10 +98,10 @@ class Tokenizer:
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, n_words: int, dim: int, layers: int, heads: int, max_tokens: int):
+    def __init__(self, n_words: int, dim: int, layers: int, heads: int, max_tokens: int, pos_std: float = 0.02):
         super().__init__()
         self.embed = nn.Embedding(n_words, dim)
-        self.pos = nn.Parameter(torch.randn(1, max_tokens, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, max_tokens, dim) * pos_std)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
@@ -209,7 +215,7 @@ class ShapesDenoiser(nn.Module):
         self.schedule: Schedule = schedule_from_dict(cfg.schedule)
         self.tokenizer = Tokenizer(cfg.vocab, cfg.max_tokens)
         self.text_encoder = TextEncoder(len(self.tokenizer.words), cfg.text_dim, cfg.text_layers, cfg.heads,
-                                        cfg.max_tokens)
+                                        cfg.max_tokens, cfg.text_pos_std)
         # channels_last: sampling 0.98-1.09x (mean 1.04x over four alternated A/B runs), fwd+bwd 1.05x on
         # CPU (docs/shapes.md); outputs are returned contiguous in the usual layout
         self.unet = ShapesUNet(cfg).to(memory_format=torch.channels_last)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,6 +41,15 @@ class PretrainConfig:
     ema_decay: float = 0.999  # the shipped weights are the EMA weights
     cfg_dropout: float = 0.1  # probability of training on the empty prompt
     relation_fraction: float = 0.5  # share of relation prompts in a batch
+    # training-time distribution over t (docs/shapes.md, "Learning relations"): the base draw is
+    # logit-normal(t_logit_mean, t_logit_std) for flow models (SD3, Esser et al. 2024) and uniform over the
+    # discrete steps for VP models; a share t_high_fraction is drawn instead uniformly from [t_high_min, 1],
+    # the noisy end where layout (and so every spatial relation) is decided
+    t_logit_mean: float = 0.0
+    t_logit_std: float = 1.0
+    t_high_fraction: float = 0.0
+    t_high_min: float = 0.6
+    text_pos_std: float = 0.02  # init std of the text encoder's position embeddings (ShapesModelConfig)
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 250
@@ -53,6 +63,13 @@ class PretrainConfig:
         check_range("ema_decay", self.ema_decay, 0, 1, hi_open=True)
         check_range("cfg_dropout", self.cfg_dropout, 0, 1)
         check_range("relation_fraction", self.relation_fraction, 0, 1)
+        check_positive("t_logit_std", self.t_logit_std)
+        check_range("t_high_fraction", self.t_high_fraction, 0, 1)
+        check_range("t_high_min", self.t_high_min, 0, 1, hi_open=True)
+        check_positive("text_pos_std", self.text_pos_std)
+        if self.model == "vp" and (self.t_logit_mean, self.t_logit_std) != (0.0, 1.0):
+            raise ValueError("t_logit_mean / t_logit_std apply to model 'flow' only (VP models draw discrete steps "
+                             f"uniformly), got {self.t_logit_mean} / {self.t_logit_std} with model 'vp'")
 
 
 def batch_for_step(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -65,14 +82,30 @@ def batch_for_step(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, list[s
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, prompts, seen
 
 
-def loss_fn(model: ShapesDenoiser, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
-    """The pretraining (denoising) loss: MSE between the prediction and its target."""
-    B = x0.shape[0]
-    if model.prediction_type == "flow":
-        t = torch.sigmoid(torch.randn(B, generator=generator))  # logit-normal(0, 1)
+def sample_t(cfg: PretrainConfig, model: ShapesDenoiser, B: int, generator: torch.Generator) -> torch.Tensor:
+    """Training times ``[B]``: the base draw, a ``t_high_fraction`` share of it replaced by ``U[t_high_min, 1]``
+    (for VP models: uniform over the discrete steps whose t is at least ``t_high_min``)."""
+    flow = model.prediction_type == "flow"
+    n = None if flow else model.schedule.num_train_timesteps
+    if flow:
+        t = torch.sigmoid(cfg.t_logit_mean + cfg.t_logit_std * torch.randn(B, generator=generator))
     else:
-        k = torch.randint(0, model.schedule.num_train_timesteps, (B,), generator=generator)
-        t = model.schedule.timestep_to_t(k).float()
+        t = model.schedule.timestep_to_t(torch.randint(0, n, (B,), generator=generator)).float()
+    if cfg.t_high_fraction == 0:
+        return t
+    if flow:
+        high = cfg.t_high_min + (1 - cfg.t_high_min) * torch.rand(B, generator=generator)
+    else:
+        k_min = min(n - 1, math.ceil(cfg.t_high_min * n - 1))  # the first k with (k + 1) / n >= t_high_min
+        high = model.schedule.timestep_to_t(torch.randint(k_min, n, (B,), generator=generator)).float()
+    return torch.where(torch.rand(B, generator=generator) < cfg.t_high_fraction, high, t)
+
+
+def loss_fn(model: ShapesDenoiser, x0: torch.Tensor, cond, generator: torch.Generator,
+            cfg: PretrainConfig | None = None) -> torch.Tensor:
+    """The pretraining (denoising) loss: MSE between the prediction and its target at ``sample_t``'s times."""
+    t = sample_t(cfg or PretrainConfig(model="flow" if model.prediction_type == "flow" else "vp"), model,
+                 x0.shape[0], generator)
     eps = torch.randn(x0.shape, generator=generator)
     alpha, sigma = model.schedule.alpha_sigma(t.double())
     alpha, sigma = alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
@@ -93,17 +126,20 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, force: bool = False,
-             progress: bool = True, stop_at: int | None = None) -> ShapesDenoiser:
+             progress: bool = True, stop_at: int | None = None,
+             on_step: Callable[[int, ShapesDenoiser, EMA], None] | None = None) -> ShapesDenoiser:
     """Train a shapes model from scratch; the EMA weights are saved to ``out`` with ``save_pretrained``.
 
     ``stop_at`` ends this invocation after that step (with a checkpoint), as an interruption would;
-    ``resume=True`` continues from the checkpoint.
+    ``resume=True`` continues from the checkpoint. ``on_step(step, model, ema)`` is called after every
+    optimiser step (``benchmarks/learnability.py`` evaluates the model there); it must leave the weights
+    as it found them.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     variant = "flow" if cfg.model == "flow" else "epsilon"
-    model = ShapesDenoiser(default_config(variant, list(shapes.VOCAB)))
+    model = ShapesDenoiser(replace(default_config(variant, list(shapes.VOCAB)), text_pos_std=cfg.text_pos_std))
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -131,12 +167,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, forc
             images, _, seen = batch_for_step(cfg, step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
-            loss = loss_fn(model, model.encode_images(images), model.encode_prompts(seen), generator)
+            loss = loss_fn(model, model.encode_images(images), model.encode_prompts(seen), generator, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             ema.update(model)
+            if on_step is not None:
+                on_step(step + 1, model, ema)
+                model.train()
             window.append(loss.item())
             bar.update(task, advance=1, loss=sum(window) / len(window))
             if (step + 1) % cfg.log_every == 0:  # mean loss over the last log_every steps

@@ -431,3 +431,19 @@ def accuracy_by_category(prompts: Sequence[str], correct: Sequence[bool] | np.nd
     if len(correct):
         out["overall"] = float(correct.mean())
     return out
+
+
+def relation_profile(prompts: Sequence[str], result: VerifyResult) -> dict[str, float]:
+    """How relation prompts fail: ``both_right`` = P(exactly the two named objects, right colours and
+    shapes), ``relation_given_both`` = P(the relation holds | both right) -- chance placement gives
+    about 0.25 --, ``relation`` = exact accuracy (their product), ``n`` / ``n_both`` = prompts scored / with both right.
+    ``relation_given_both`` is 0.0 when ``n_both`` is 0; empty when no prompt is a relation prompt."""
+    sel = np.array([parse(p).kind == "relation" for p in prompts], bool)
+    if len(sel) != len(result.correct):
+        raise ValueError(f"got {len(prompts)} prompts but {len(result.correct)} results")
+    if not sel.any():
+        return {}
+    both = result.criteria["count"][sel] == 1.0  # 1 iff both objects are present and nothing else is
+    rel = result.criteria["relation"][sel] == 1.0
+    return {"both_right": float(both.mean()), "relation_given_both": float(rel[both].mean()) if both.any() else 0.0,
+            "relation": float((both & rel).mean()), "n": int(sel.sum()), "n_both": int(both.sum())}

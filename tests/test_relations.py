@@ -1,0 +1,83 @@
+"""Spatial relations in the shapes world: the relation breakdown, the pretraining time distribution,
+the learnability benchmark, and the shipped models' text conditioning and held-out profile."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign.models.shapes_unet import ShapesDenoiser, default_config
+from diffalign.runtime.pretrain import PretrainConfig, sample_t
+from diffalign.worlds import shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_relation_profile_separates_objects_from_placement():
+    prompts = ["a red circle left of a blue square", "a green square right of a yellow circle"] * 4
+    images, _ = shapes.render_batch(prompts, seed=3)
+    res = shapes.verify(images, prompts)
+    assert shapes.relation_profile(prompts, res) == {"both_right": 1.0, "relation_given_both": 1.0, "relation": 1.0,
+                                                   "n": 8, "n_both": 8}
+    # mirrored left-right (upward triangles stay upward): the same two objects, on the wrong sides
+    mirrored = images[:, :, ::-1].copy()
+    prof = shapes.relation_profile(prompts, shapes.verify(mirrored, prompts))
+    assert prof["both_right"] == 1.0 and prof["relation_given_both"] == 0.0 and prof["relation"] == 0.0
+    # half the images blank: both_right halves, the relation given both is still judged on the others
+    mixed = np.concatenate([images[:4], np.full_like(images[4:], 255)])
+    prof = shapes.relation_profile(prompts, shapes.verify(mixed, prompts))
+    assert prof["both_right"] == 0.5 and prof["relation_given_both"] == 1.0 and prof["n_both"] == 4
+    # count prompts are not relation prompts
+    assert shapes.relation_profile(["two red circles"], shapes.verify(images[:1], ["two red circles"])) == {}
+    with pytest.raises(ValueError, match="got 1 prompts but 8 results"):
+        shapes.relation_profile(prompts[:1], res)
+
+
+@pytest.mark.parametrize("variant", ["flow", "vp"])
+def test_sample_t_puts_the_requested_share_at_high_noise(variant):
+    model = ShapesDenoiser(default_config("flow" if variant == "flow" else "epsilon", list(shapes.VOCAB)))
+    g = torch.Generator().manual_seed(0)
+    base = sample_t(PretrainConfig(model=variant), model, 20000, g)
+    mixed = sample_t(PretrainConfig(model=variant, t_high_fraction=0.5, t_high_min=0.7), model, 20000, g)
+    assert base.min() > 0 and base.max() <= 1 and mixed.min() > 0 and mixed.max() <= 1
+    p_base, p_mixed = (base >= 0.7).float().mean().item(), (mixed >= 0.7).float().mean().item()
+    assert abs(p_mixed - (0.5 + 0.5 * p_base)) < 0.02  # half drawn from [0.7, 1], half from the base draw
+    if variant == "flow":
+        assert abs(p_base - 0.199) < 0.02  # logit-normal(0, 1): P(t >= 0.7) = P(z >= logit 0.7 = 0.847)
+        shifted = sample_t(PretrainConfig(t_logit_mean=1.0), model, 20000, g)
+        assert abs((shifted >= 0.7).float().mean().item() - 0.561) < 0.02  # P(1 + z >= 0.847)
+    else:  # the VP draw stays on the discrete training steps
+        k = mixed * model.schedule.num_train_timesteps - 1
+        assert torch.allclose(k, k.round(), atol=1e-3)
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(t_high_fraction=1.5), "t_high_fraction"),
+    (dict(t_high_min=1.0), "t_high_min"),
+    (dict(t_logit_std=0.0), "t_logit_std"),
+    (dict(text_pos_std=-1.0), "text_pos_std"),
+    (dict(model="vp", t_logit_mean=1.0), "apply to model 'flow' only"),
+])
+def test_pretrain_config_rejects_bad_time_fields(override, message):
+    with pytest.raises(ValueError, match=message):
+        PretrainConfig(**override)
+
+
+@pytest.mark.slow
+def test_learnability_benchmark_runs_and_writes_its_curves(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learnability
+
+    learnability.main(["--recipes", "pos_high", "--steps", "2", "--eval-every", "1", "--relation-prompts", "3",
+                       "--count-seeds", "1", "--splits", "heldout", "--set", "batch_size=4", "--out", str(tmp_path)])
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
+    assert [(r["recipe"], r["step"], r["split"]) for r in rows] == [("pos_high", 1, "heldout"), ("pos_high", 2, "heldout")]
+    for r in rows:
+        assert all(0 <= r[k] <= 1 for k in learnability.METRICS)
+    assert "relation|both" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown recipe"):
+        learnability.main(["--recipes", "nope", "--out", str(tmp_path)])
