@@ -81,3 +81,26 @@ def test_learnability_benchmark_runs_and_writes_its_curves(tmp_path, capsys):
     assert "relation|both" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown recipe"):
         learnability.main(["--recipes", "nope", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_methods_benchmark_trains_evaluates_and_tabulates(tmp_path):
+    from test_online_rl import tiny_model
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_methods
+
+    tiny_model("flow").save_pretrained(tmp_path / "tiny")
+    bench_methods.main(["--methods", "diffusion_nft", "--minutes", "0.01", "--prompts", "4", "--seeds", "2",
+                        "--set", f"model={tmp_path / 'tiny'}", "--set", "algorithm.batch_size=8",
+                        "--set", "algorithm.group_size=4", "--set", "algorithm.num_steps=2", "--threads", "1",
+                        "--out", str(tmp_path / "out")])
+    import json
+
+    res = json.loads((tmp_path / "out" / "methods.json").read_text())["diffusion_nft"]
+    assert res["images"] >= 8 and res["config"] == "configs/nft_shapes.yaml"
+    assert set(res["eval"]) == {"base", "tuned"} and "relations" in res["eval"]["tuned"]["shapes"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| diffusion_nft |" in table and "| base (" in table
+    with pytest.raises(SystemExit, match="unknown method"):
+        bench_methods.main(["--methods", "nope", "--out", str(tmp_path / "o2")])
