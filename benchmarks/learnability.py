@@ -50,6 +50,30 @@ def eval_prompts(split: str, n_relation: int, count_seeds: int, seed: int = 7) -
     return prompts, list(range(seed * 100_000, seed * 100_000 + len(prompts)))
 
 
+def swapped(prompt: str) -> str:
+    """``"a A rel a B"`` -> ``"a B rel a A"``: the same words, the objects' roles exchanged."""
+    p = shapes.parse(prompt)
+    return f"a {p.b[0]} {p.b[1]} {p.relation} a {p.a[0]} {p.a[1]}"
+
+
+def order_gap(model, prompts: list[str]) -> dict[str, float]:
+    """How far the text encoder separates a relation prompt from its swapped twin, as the UNet sees it:
+    ``pooled`` = mean over prompts of 1 - cos between the mean-pooled token features (the FiLM path),
+    ``object`` = mean of 1 - cos between the features of an object's two words in the prompt and of the same
+    words, now naming the other role, in the twin (the cross-attention path). An order-blind encoder gives 0."""
+    rel = [p for p in prompts if shapes.parse(p).kind == "relation"]
+    with torch.no_grad():
+        a, b = model.encode_prompts(rel), model.encode_prompts([swapped(p) for p in rel])
+    keep = (~a.pad_mask).unsqueeze(-1).float()
+    pooled_a, pooled_b = (a.tokens * keep).sum(1) / keep.sum(1), (b.tokens * keep).sum(1) / keep.sum(1)
+    cos = torch.nn.functional.cosine_similarity
+    obj = []
+    for i, p in enumerate(rel):
+        n = len(p.split())  # object A: words 1-2 of p and words n-2..n-1 of the twin
+        obj.append(1 - cos(a.tokens[i, 1:3].flatten(), b.tokens[i, n - 2:n].flatten(), dim=0))
+    return {"pooled": float((1 - cos(pooled_a, pooled_b, dim=-1)).mean()), "object": float(torch.stack(obj).mean())}
+
+
 def profile(model, prompts: list[str], seeds: list[int], batch: int = 128) -> dict[str, float]:
     """Verifier accuracy by category and the relation breakdown of ``model``'s default sampling."""
     was_training = model.training
@@ -60,8 +84,10 @@ def profile(model, prompts: list[str], seeds: list[int], batch: int = 128) -> di
     model.train(was_training)
     res = shapes.verify(images, prompts)
     rel = shapes.relation_profile(prompts, res)
-    return {**shapes.accuracy_by_category(prompts, res.correct),
-            "both_right": rel["both_right"], "relation_given_both": rel["relation_given_both"]}
+    gap = order_gap(model, prompts)
+    return {**shapes.accuracy_by_category(prompts, res.correct), "both_right": rel["both_right"],
+            "relation_given_both": rel["relation_given_both"], "order_gap_pooled": gap["pooled"],
+            "order_gap_object": gap["object"]}
 
 
 def run_recipe(name: str, overrides: list[str], args, out: Path, log) -> None:

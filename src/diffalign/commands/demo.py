@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         eval_prompts: int = typer.Option(100, help="Held-out prompts in the before/after evaluation."),
         seeds_per_prompt: int = typer.Option(4, help="Samples per held-out prompt."),
     ) -> None:
-        """Evaluate the base model, fine-tune it with Flow-GRPO, evaluate again, write the report."""
+        """Evaluate the base model, fine-tune it with the demo config's method, evaluate again, write the report."""
         from ..runtime.demo import run_demo
 
         run_demo(config, run_dir, eval_prompts=eval_prompts, seeds_per_prompt=seeds_per_prompt,
