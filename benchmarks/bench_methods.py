@@ -75,12 +75,12 @@ def run_method(method: str, args: argparse.Namespace, prompts: list[str], out: P
 
 def row(name: str, r: dict, label: str) -> str:
     m = r["eval"][label]
-    acc, rel = m["shapes"]["accuracy"], m["shapes"]["relations"]
+    acc, parts = m["shapes"]["accuracy"], m["shapes"]["breakdown"]
     div = m["diversity"] / max(r["eval"]["base"]["diversity"], 1e-12)
     held = " ".join(f"{n} {m['rewards'][n]['mean']:.3f}" for n in HELDOUT_REWARDS if n in m["rewards"])
     images, minutes = ("0", "0") if label == "base" else (str(r["images"]), f"{r['minutes']:.1f}")
     return (f"| {name} | {r['model']} | {images} | {minutes} | " + " | ".join(f"{acc.get(c, 0):.3f}" for c in COLUMNS)
-            + f" | {rel['both_right']:.3f} | {rel['relation_given_both']:.3f} | {div:.2f} | {held} |")
+            + f" | {parts.get('both_right', 0):.3f} | {parts.get('relation_given_both', 0):.3f} | {div:.2f} | {held} |")
 
 
 def main(argv: list[str] | None = None) -> None:

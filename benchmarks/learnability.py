@@ -37,8 +37,8 @@ RECIPES: dict[str, list[str]] = {
     "pos_shift": ["text_pos_std=1.0", "t_logit_mean=1.0"],  # logit-normal shifted towards noise
     "pos_high_rel": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6", "relation_fraction=0.7"],
 }
-METRICS = ("one", "count", "both_right", "relation_given_both", "relation", "overall")
-HEADERS = ("one", "count", "both", "relation|both", "relation", "overall")
+METRICS = ("one", "colour", "count", "both_right", "relation_given_both", "relation", "overall")
+HEADERS = ("one", "colour", "count", "both", "relation|both", "relation", "overall")
 
 
 def eval_prompts(split: str, n_relation: int, count_seeds: int, seed: int = 7) -> tuple[list[str], list[int]]:
@@ -83,11 +83,11 @@ def profile(model, prompts: list[str], seeds: list[int], batch: int = 128) -> di
                             for i in range(0, len(prompts), batch)])
     model.train(was_training)
     res = shapes.verify(images, prompts)
-    rel = shapes.relation_profile(prompts, res)
+    parts = shapes.breakdown(prompts, res)
     gap = order_gap(model, prompts)
-    return {**shapes.accuracy_by_category(prompts, res.correct), "both_right": rel["both_right"],
-            "relation_given_both": rel["relation_given_both"], "order_gap_pooled": gap["pooled"],
-            "order_gap_object": gap["object"]}
+    return {**shapes.accuracy_by_category(prompts, res.correct), "colour": parts.get("colour", 0.0),
+            "both_right": parts.get("both_right", 0.0), "relation_given_both": parts.get("relation_given_both", 0.0),
+            "order_gap_pooled": gap["pooled"], "order_gap_object": gap["object"]}
 
 
 def run_recipe(name: str, overrides: list[str], args, out: Path, log) -> None:

@@ -15,24 +15,34 @@ from diffalign.worlds import shapes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_relation_profile_separates_objects_from_placement():
+def test_breakdown_separates_objects_from_placement():
     prompts = ["a red circle left of a blue square", "a green square right of a yellow circle"] * 4
     images, _ = shapes.render_batch(prompts, seed=3)
     res = shapes.verify(images, prompts)
-    assert shapes.relation_profile(prompts, res) == {"both_right": 1.0, "relation_given_both": 1.0, "relation": 1.0,
-                                                   "n": 8, "n_both": 8}
+    assert shapes.breakdown(prompts, res) == {"n_count": 0, "n_relation": 8, "both_right": 1.0, "relation": 1.0,
+                                              "n_both": 8, "relation_given_both": 1.0}
     # mirrored left-right (upward triangles stay upward): the same two objects, on the wrong sides
     mirrored = images[:, :, ::-1].copy()
-    prof = shapes.relation_profile(prompts, shapes.verify(mirrored, prompts))
-    assert prof["both_right"] == 1.0 and prof["relation_given_both"] == 0.0 and prof["relation"] == 0.0
+    parts = shapes.breakdown(prompts, shapes.verify(mirrored, prompts))
+    assert parts["both_right"] == 1.0 and parts["relation_given_both"] == 0.0 and parts["relation"] == 0.0
     # half the images blank: both_right halves, the relation given both is still judged on the others
     mixed = np.concatenate([images[:4], np.full_like(images[4:], 255)])
-    prof = shapes.relation_profile(prompts, shapes.verify(mixed, prompts))
-    assert prof["both_right"] == 0.5 and prof["relation_given_both"] == 1.0 and prof["n_both"] == 4
-    # count prompts are not relation prompts
-    assert shapes.relation_profile(["two red circles"], shapes.verify(images[:1], ["two red circles"])) == {}
+    parts = shapes.breakdown(prompts, shapes.verify(mixed, prompts))
+    assert parts["both_right"] == 0.5 and parts["relation_given_both"] == 1.0 and parts["n_both"] == 4
+    assert "relation_given_both" not in shapes.breakdown(prompts, shapes.verify(np.full_like(images, 255), prompts))
     with pytest.raises(ValueError, match="got 1 prompts but 8 results"):
-        shapes.relation_profile(prompts[:1], res)
+        shapes.breakdown(prompts[:1], res)
+
+
+def test_breakdown_colour_of_count_prompts():
+    prompts = ["two red circles", "one blue square", "three green triangles"]
+    images, _ = shapes.render_batch(prompts, seed=1)
+    wrong = images.copy()
+    wrong[1][(wrong[1] == shapes.PALETTE["blue"]).all(-1)] = shapes.PALETTE["purple"]  # the square turns purple
+    wrong[2] = 255  # nothing drawn: no colour to be right
+    assert shapes.breakdown(prompts, shapes.verify(images, prompts))["colour"] == 1.0
+    parts = shapes.breakdown(prompts, shapes.verify(wrong, prompts))
+    assert parts["colour"] == pytest.approx(1 / 3) and parts["n_count"] == 3 and "both_right" not in parts
 
 
 @pytest.mark.parametrize("variant", ["flow", "vp"])
@@ -99,8 +109,23 @@ def test_methods_benchmark_trains_evaluates_and_tabulates(tmp_path):
 
     res = json.loads((tmp_path / "out" / "methods.json").read_text())["diffusion_nft"]
     assert res["images"] >= 8 and res["config"] == "configs/nft_shapes.yaml"
-    assert set(res["eval"]) == {"base", "tuned"} and "relations" in res["eval"]["tuned"]["shapes"]
+    assert set(res["eval"]) == {"base", "tuned"} and "n_relation" in res["eval"]["tuned"]["shapes"]["breakdown"]
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| diffusion_nft |" in table and "| base (" in table
     with pytest.raises(SystemExit, match="unknown method"):
         bench_methods.main(["--methods", "nope", "--out", str(tmp_path / "o2")])
+
+
+def test_evaluation_tables_show_the_breakdown():
+    from test_online_rl import tiny_model
+
+    from diffalign import rewards
+    from diffalign.evaluation import evaluate, format_table
+
+    prompts = ["two red circles", "a blue square left of a green triangle"]
+    res = evaluate({"m": tiny_model("flow")}, prompts, seeds_per_prompt=2, rewards=[rewards.get("shapes")],
+                   num_steps=2)
+    parts = res["models"]["m"]["shapes"]["breakdown"]
+    assert parts["n_count"] == 2 and parts["n_relation"] == 2
+    table = format_table(res)
+    assert "colour right" in table and "both objects right" in table

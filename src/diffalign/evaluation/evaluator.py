@@ -199,7 +199,7 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
         if shapes_world:
             v = rec["verify"]
             entry["shapes"] = {"accuracy": shapes.accuracy_by_category(flat_prompts, v.correct),
-                               "relations": shapes.relation_profile(flat_prompts, v),
+                               "breakdown": shapes.breakdown(flat_prompts, v),
                                "verifier_score": float(np.mean(v.score))}
         if base is not None and label != base:
             b = per[base]

@@ -10,6 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 SHAPES_COLUMNS = ("one", "two", "three", "four", "count", "relation", "overall")
+# worlds.shapes.breakdown: what is right short of exact accuracy (absent in results written before it existed)
+BREAKDOWN_COLUMNS = (("colour", "colour right"), ("both_right", "both objects right"),
+                     ("relation_given_both", "relation | both right"))
 
 
 def fmt(x: Any) -> str:
@@ -72,9 +75,12 @@ def table_rows(result: Mapping[str, Any]) -> list[tuple[str, list[str], list[lis
     if result.get("shapes_world"):
         cols = [c for c in SHAPES_COLUMNS if any(c in (m.get("shapes") or {}).get("accuracy", {})
                                                  for m in models.values())]
-        header = ["model", "verifier score", *(f"acc {c}" for c in cols)]
+        parts = [(k, h) for k, h in BREAKDOWN_COLUMNS if any(k in (m.get("shapes") or {}).get("breakdown", {})
+                                                              for m in models.values())]
+        header = ["model", "verifier score", *(f"acc {c}" for c in cols), *(h for _, h in parts)]
         rows = [[_label(label, base), fmt((m.get("shapes") or {}).get("verifier_score")),
-                 *(fmt((m.get("shapes") or {}).get("accuracy", {}).get(c)) for c in cols)]
+                 *(fmt((m.get("shapes") or {}).get("accuracy", {}).get(c)) for c in cols),
+                 *(fmt((m.get("shapes") or {}).get("breakdown", {}).get(k)) for k, _ in parts)]
                 for label, m in models.items()]
         tables.append(("Shapes verifier (exact accuracy by category)", header, rows))
     return tables

@@ -433,17 +433,26 @@ def accuracy_by_category(prompts: Sequence[str], correct: Sequence[bool] | np.nd
     return out
 
 
-def relation_profile(prompts: Sequence[str], result: VerifyResult) -> dict[str, float]:
-    """How relation prompts fail: ``both_right`` = P(exactly the two named objects, right colours and
-    shapes), ``relation_given_both`` = P(the relation holds | both right) -- chance placement gives
-    about 0.25 --, ``relation`` = exact accuracy (their product), ``n`` / ``n_both`` = prompts scored / with both right.
-    ``relation_given_both`` is 0.0 when ``n_both`` is 0; empty when no prompt is a relation prompt."""
-    sel = np.array([parse(p).kind == "relation" for p in prompts], bool)
-    if len(sel) != len(result.correct):
+def breakdown(prompts: Sequence[str], result: VerifyResult) -> dict[str, float]:
+    """What an image gets right short of exact accuracy (GenEval's "colors" task, and how relations fail).
+
+    Count prompts: ``colour`` = P(at least one object is detected and every detected object has the
+    named colour). Relation prompts: ``both_right`` = P(exactly the two named objects, right colours and
+    shapes), ``relation_given_both`` = P(the relation holds | both right) -- placement at chance gives
+    about 0.25 -- and ``relation`` = their product, the exact accuracy. ``n_count`` / ``n_relation`` /
+    ``n_both`` count the images behind each rate; a rate with no image behind it is absent.
+    """
+    if len(prompts) != len(result.correct):
         raise ValueError(f"got {len(prompts)} prompts but {len(result.correct)} results")
-    if not sel.any():
-        return {}
-    both = result.criteria["count"][sel] == 1.0  # 1 iff both objects are present and nothing else is
-    rel = result.criteria["relation"][sel] == 1.0
-    return {"both_right": float(both.mean()), "relation_given_both": float(rel[both].mean()) if both.any() else 0.0,
-            "relation": float((both & rel).mean()), "n": int(sel.sum()), "n_both": int(both.sum())}
+    rel_sel = np.array([parse(p).kind == "relation" for p in prompts], bool)
+    out: dict[str, float] = {"n_count": int((~rel_sel).sum()), "n_relation": int(rel_sel.sum())}
+    if (~rel_sel).any():
+        found = np.array([len(o) > 0 for o in result.objects], bool)[~rel_sel]
+        out["colour"] = float((found & (result.criteria["color"][~rel_sel] == 1.0)).mean())
+    if rel_sel.any():
+        both = result.criteria["count"][rel_sel] == 1.0  # 1 iff both objects are present and nothing else is
+        rel = result.criteria["relation"][rel_sel] == 1.0
+        out.update(both_right=float(both.mean()), relation=float((both & rel).mean()), n_both=int(both.sum()))
+        if both.any():
+            out["relation_given_both"] = float(rel[both].mean())
+    return out
