@@ -266,6 +266,7 @@ def test_two_processes_give_the_metrics_and_model_of_one_process(runs):
     a, b = rows(d / "one"), rows(d / "two")
     assert_same_metrics(a, b)
     assert b[-1]["images_seen"] == EPOCHS * 12 and "eval/heldout_accuracy" in b[3]
+    assert {"eval/heldout_relation", "eval/heldout_count"} <= set(b[3])  # summed over processes, equal to one's
     for (k, v), w in zip(load_model(one).state_dict().items(), load_model(d / "two" / "final").state_dict().values()):
         torch.testing.assert_close(v, w, atol=1e-5, rtol=1e-4, msg=k)
 

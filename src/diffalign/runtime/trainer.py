@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -405,11 +406,18 @@ class Trainer:
             with self.accelerator.autocast():
                 images = generate(model, prompts[lo:hi], list(range(lo, hi)), **resolve_sampling(model))
             res = shapes.verify(images, prompts[lo:hi])
-        if world == 1:
-            return {"eval/heldout_accuracy": float(res.correct.mean()), "eval/heldout_score": float(res.score.mean())}
-        own = [float(res.correct.sum()), float(res.score.sum())] if hi > lo else [0.0, 0.0]
-        correct, score = all_reduce_sum(own, self.accelerator.device)
-        return {"eval/heldout_accuracy": correct / n, "eval/heldout_score": score / n}
+            is_rel = np.array([shapes.parse(p).kind == "relation" for p in prompts[lo:hi]], bool)
+        # sums over this process's prompts: correct, score, relation prompts and their correct, count likewise
+        own = ([float(res.correct.sum()), float(res.score.sum()), float(is_rel.sum()),
+                float(res.correct[is_rel].sum()), float((~is_rel).sum()), float(res.correct[~is_rel].sum())]
+               if hi > lo else [0.0] * 6)
+        correct, score, n_rel, rel, n_count, count = own if world == 1 else all_reduce_sum(own, self.accelerator.device)
+        out = {"eval/heldout_accuracy": correct / n, "eval/heldout_score": score / n}
+        if n_rel:
+            out["eval/heldout_relation"] = rel / n_rel
+        if n_count:
+            out["eval/heldout_count"] = count / n_count
+        return out
 
     def fit(self, stop_at: int | None = None) -> Path | None:
         """Train to ``cfg.epochs`` and save ``final/``; ``stop_at`` ends after that epoch with a
