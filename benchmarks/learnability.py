@@ -36,9 +36,10 @@ RECIPES: dict[str, list[str]] = {
     "pos_high": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6"],
     "pos_shift": ["text_pos_std=1.0", "t_logit_mean=1.0"],  # logit-normal shifted towards noise
     "pos_high_rel": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6", "relation_fraction=0.7"],
+    "pos_high_seq": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6", "sequence_pool=true"],
 }
-METRICS = ("one", "colour", "count", "both_right", "relation_given_both", "relation", "overall")
-HEADERS = ("one", "colour", "count", "both", "relation|both", "relation", "overall")
+METRICS = ("one", "colour", "count", "both_right", "relation_given_both", "swapped_given_both", "relation", "overall")
+HEADERS = ("one", "colour", "count", "both", "relation|both", "swapped|both", "relation", "overall")
 
 
 def eval_prompts(split: str, n_relation: int, count_seeds: int, seed: int = 7) -> tuple[list[str], list[int]]:
@@ -87,7 +88,7 @@ def profile(model, prompts: list[str], seeds: list[int], batch: int = 128) -> di
     gap = order_gap(model, prompts)
     return {**shapes.accuracy_by_category(prompts, res.correct), "colour": parts.get("colour", 0.0),
             "both_right": parts.get("both_right", 0.0), "relation_given_both": parts.get("relation_given_both", 0.0),
-            "order_gap_pooled": gap["pooled"], "order_gap_object": gap["object"]}
+            "swapped_given_both": parts.get("swapped_given_both", 0.0), "order_gap_pooled": gap["pooled"], "order_gap_object": gap["object"]}
 
 
 def run_recipe(name: str, overrides: list[str], args, out: Path, log) -> None:

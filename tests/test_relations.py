@@ -20,11 +20,12 @@ def test_breakdown_separates_objects_from_placement():
     images, _ = shapes.render_batch(prompts, seed=3)
     res = shapes.verify(images, prompts)
     assert shapes.breakdown(prompts, res) == {"n_count": 0, "n_relation": 8, "both_right": 1.0, "relation": 1.0,
-                                              "n_both": 8, "relation_given_both": 1.0}
+                                              "n_both": 8, "relation_given_both": 1.0, "swapped_given_both": 0.0}
     # mirrored left-right (upward triangles stay upward): the same two objects, on the wrong sides
     mirrored = images[:, :, ::-1].copy()
     parts = shapes.breakdown(prompts, shapes.verify(mirrored, prompts))
     assert parts["both_right"] == 1.0 and parts["relation_given_both"] == 0.0 and parts["relation"] == 0.0
+    assert parts["swapped_given_both"] == 1.0  # the right axis, the objects in the reversed order
     # half the images blank: both_right halves, the relation given both is still judged on the others
     mixed = np.concatenate([images[:4], np.full_like(images[4:], 255)])
     parts = shapes.breakdown(prompts, shapes.verify(mixed, prompts))
@@ -129,3 +130,23 @@ def test_evaluation_tables_show_the_breakdown():
     assert parts["n_count"] == 2 and parts["n_relation"] == 2
     table = format_table(res)
     assert "colour right" in table and "both objects right" in table
+
+
+def test_sequence_pool_starts_as_a_no_op_and_sees_word_order(tmp_path):
+    from test_online_rl import tiny_model
+
+    from diffalign.runtime.pretrain import init_model
+
+    src = tiny_model("flow")
+    src.save_pretrained(tmp_path / "src")
+    model = init_model(PretrainConfig(init_from=str(tmp_path / "src"), sequence_pool=True)).eval()
+    assert model.config.sequence_pool and not src.config.sequence_pool
+    prompts = ["a red circle left of a blue square", "a blue square left of a red circle"]
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.full((2,), 0.9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, model.encode_prompts(prompts)), src(x, t, src.encode_prompts(prompts)))
+        torch.nn.init.normal_(model.unet.seq_pool.weight, std=0.1)
+        pooled = model.unet.seq_pool((model.encode_prompts(prompts).tokens).flatten(1))
+    assert (pooled[0] - pooled[1]).abs().max() > 1e-3  # the same words in another order pool differently
+    with pytest.raises(ValueError, match="is a 'flow' model; model='vp' needs 'epsilon'"):
+        init_model(PretrainConfig(model="vp", init_from=str(tmp_path / "src")))

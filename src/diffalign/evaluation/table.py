@@ -12,7 +12,7 @@ from rich.table import Table
 SHAPES_COLUMNS = ("one", "two", "three", "four", "count", "relation", "overall")
 # worlds.shapes.breakdown: what is right short of exact accuracy (absent in results written before it existed)
 BREAKDOWN_COLUMNS = (("colour", "colour right"), ("both_right", "both objects right"),
-                     ("relation_given_both", "relation | both right"))
+                     ("relation_given_both", "relation | both right"), ("swapped_given_both", "swapped | both right"))
 
 
 def fmt(x: Any) -> str:

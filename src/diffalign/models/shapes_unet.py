@@ -46,6 +46,9 @@ class ShapesModelConfig:
     # ~0.2 beside token embeddings of norm ~8: "A left of B" and "B left of A" encoded to cosine 0.99999.
     # 1.0 puts them on the tokens' scale from the start (docs/shapes.md, "Learning relations")
     text_pos_std: float = 0.02
+    # FiLM conditioning from the whole token sequence (flattened, pads zeroed) beside the mean-pooled tokens:
+    # the mean is order-blind by construction ("A left of B" and "B left of A" pool to the same words)
+    sequence_pool: bool = False
     # default sampler settings (the "default sampler settings" every command starts from)
     sampler: str = "flow_ode"
     num_steps: int = 10
@@ -165,6 +168,10 @@ class ShapesUNet(nn.Module):
         s = cfg.image_size // 2  # resolution after 2x2 space-to-depth
         self.time_mlp = nn.Sequential(nn.Linear(c1, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.text_pool = nn.Linear(cfg.text_dim, emb)
+        self.seq_pool = nn.Linear(cfg.max_tokens * cfg.text_dim, emb) if cfg.sequence_pool else None
+        if self.seq_pool is not None:  # starts as a no-op: the mean-pooled path alone
+            nn.init.zeros_(self.seq_pool.weight)
+            nn.init.zeros_(self.seq_pool.bias)
         self.stem = nn.Conv2d(12 + 2, c1, 3, padding=1)
         self.down1 = ResBlock(c1, c1, emb)
         self.pool1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
@@ -186,6 +193,8 @@ class ShapesUNet(nn.Module):
         keep = (~cond.pad_mask).unsqueeze(-1).to(cond.tokens.dtype)
         pooled = (cond.tokens * keep).sum(1) / keep.sum(1).clamp_min(1)
         emb = self.time_mlp(timestep_embedding(t, self.c1)) + self.text_pool(pooled)
+        if self.seq_pool is not None:
+            emb = emb + self.seq_pool((cond.tokens * keep).flatten(1))
         h = F.pixel_unshuffle(x, 2)
         h = self.stem(torch.cat([h, self.coords.expand(x.shape[0], -1, -1, -1).to(h.dtype)], dim=1))
         h1 = self.down1(h, emb)

@@ -50,6 +50,8 @@ class PretrainConfig:
     t_high_fraction: float = 0.0
     t_high_min: float = 0.6
     text_pos_std: float = 0.02  # init std of the text encoder's position embeddings (ShapesModelConfig)
+    sequence_pool: bool = False  # FiLM also sees the whole token sequence (ShapesModelConfig)
+    init_from: str = ""  # a shapes model directory to continue from instead of a random init (same variant)
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 250
@@ -118,6 +120,25 @@ def loss_fn(model: ShapesDenoiser, x0: torch.Tensor, cond, generator: torch.Gene
     return torch.mean((model(x_t, t, cond) - target) ** 2)
 
 
+def init_model(cfg: PretrainConfig) -> ShapesDenoiser:
+    """A random model of the variant, or ``init_from``'s weights; a layer that ``init_from`` lacks (the
+    sequence pool) starts at its own init, which makes it a no-op."""
+    variant = "flow" if cfg.model == "flow" else "epsilon"
+    model_cfg = replace(default_config(variant, list(shapes.VOCAB)), text_pos_std=cfg.text_pos_std,
+                        sequence_pool=cfg.sequence_pool)
+    if not cfg.init_from:
+        return ShapesDenoiser(model_cfg)
+    source = ShapesDenoiser.from_pretrained(cfg.init_from)
+    if source.prediction_type != variant:
+        raise ValueError(f"init_from={cfg.init_from!r} is a {source.prediction_type!r} model; model={cfg.model!r} "
+                         f"needs {variant!r}")
+    model = ShapesDenoiser(replace(source.config, sequence_pool=cfg.sequence_pool or source.config.sequence_pool))
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("unet.seq_pool.") for k in missing):
+        raise ValueError(f"init_from={cfg.init_from!r} does not fit: missing {missing}, unexpected {unexpected}")
+    return model.train()
+
+
 def lr_at(cfg: PretrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -138,8 +159,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, forc
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    variant = "flow" if cfg.model == "flow" else "epsilon"
-    model = ShapesDenoiser(replace(default_config(variant, list(shapes.VOCAB)), text_pos_std=cfg.text_pos_std))
+    model = init_model(cfg)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -439,8 +439,10 @@ def breakdown(prompts: Sequence[str], result: VerifyResult) -> dict[str, float]:
     Count prompts: ``colour`` = P(at least one object is detected and every detected object has the
     named colour). Relation prompts: ``both_right`` = P(exactly the two named objects, right colours and
     shapes), ``relation_given_both`` = P(the relation holds | both right) -- placement at chance gives
-    about 0.25 -- and ``relation`` = their product, the exact accuracy. ``n_count`` / ``n_relation`` /
-    ``n_both`` count the images behind each rate; a rate with no image behind it is absent.
+    about 0.25 --, ``swapped_given_both`` = P(the relation holds with the objects exchanged | both right)
+    -- the right axis, the wrong order -- and ``relation`` = P(both right and the relation), the exact
+    accuracy. ``n_count`` / ``n_relation`` / ``n_both`` count the images behind each rate; a rate with
+    no image behind it is absent.
     """
     if len(prompts) != len(result.correct):
         raise ValueError(f"got {len(prompts)} prompts but {len(result.correct)} results")
@@ -455,4 +457,15 @@ def breakdown(prompts: Sequence[str], result: VerifyResult) -> dict[str, float]:
         out.update(both_right=float(both.mean()), relation=float((both & rel).mean()), n_both=int(both.sum()))
         if both.any():
             out["relation_given_both"] = float(rel[both].mean())
+            idx = np.flatnonzero(rel_sel)[both]
+            out["swapped_given_both"] = float(np.mean([_swapped(prompts[i], result.objects[i]) for i in idx]))
     return out
+
+
+def _swapped(prompt: str, objects: list[dict[str, Any]]) -> bool:
+    """With exactly the two named objects detected: do they hold the relation in the reversed order
+    ("B left of A" for "A left of B")? The placement knows the axis but not which object goes first."""
+    p = parse(prompt)
+    a = next(o for o in objects if (o["color"], o["shape"]) == p.a)
+    b = next(o for o in objects if (o["color"], o["shape"]) == p.b)
+    return relation_holds(b["center"], a["center"], str(p.relation))
