@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from diffalign.config import load_config
-from diffalign.core import generate
 from diffalign.runtime.pretrain import PretrainConfig, pretrain
-from diffalign.worlds import shapes
+from diffalign.worlds import shapes, shapes_metrics
 
 # Recipes compared in docs/shapes.md; each is a list of PretrainConfig overrides.
 RECIPES: dict[str, list[str]] = {
@@ -51,44 +50,13 @@ def eval_prompts(split: str, n_relation: int, count_seeds: int, seed: int = 7) -
     return prompts, list(range(seed * 100_000, seed * 100_000 + len(prompts)))
 
 
-def swapped(prompt: str) -> str:
-    """``"a A rel a B"`` -> ``"a B rel a A"``: the same words, the objects' roles exchanged."""
-    p = shapes.parse(prompt)
-    return f"a {p.b[0]} {p.b[1]} {p.relation} a {p.a[0]} {p.a[1]}"
-
-
-def order_gap(model, prompts: list[str]) -> dict[str, float]:
-    """How far the text encoder separates a relation prompt from its swapped twin, as the UNet sees it:
-    ``pooled`` = mean over prompts of 1 - cos between the mean-pooled token features (the FiLM path),
-    ``object`` = mean of 1 - cos between the features of an object's two words in the prompt and of the same
-    words, now naming the other role, in the twin (the cross-attention path). An order-blind encoder gives 0."""
-    rel = [p for p in prompts if shapes.parse(p).kind == "relation"]
-    with torch.no_grad():
-        a, b = model.encode_prompts(rel), model.encode_prompts([swapped(p) for p in rel])
-    keep = (~a.pad_mask).unsqueeze(-1).float()
-    pooled_a, pooled_b = (a.tokens * keep).sum(1) / keep.sum(1), (b.tokens * keep).sum(1) / keep.sum(1)
-    cos = torch.nn.functional.cosine_similarity
-    obj = []
-    for i, p in enumerate(rel):
-        n = len(p.split())  # object A: words 1-2 of p and words n-2..n-1 of the twin
-        obj.append(1 - cos(a.tokens[i, 1:3].flatten(), b.tokens[i, n - 2:n].flatten(), dim=0))
-    return {"pooled": float((1 - cos(pooled_a, pooled_b, dim=-1)).mean()), "object": float(torch.stack(obj).mean())}
-
-
 def profile(model, prompts: list[str], seeds: list[int], batch: int = 128) -> dict[str, float]:
-    """Verifier accuracy by category and the relation breakdown of ``model``'s default sampling."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        images = torch.cat([generate(model, prompts[i:i + batch], seeds[i:i + batch], **model.sampling_defaults)
-                            for i in range(0, len(prompts), batch)])
-    model.train(was_training)
-    res = shapes.verify(images, prompts)
-    parts = shapes.breakdown(prompts, res)
-    gap = order_gap(model, prompts)
-    return {**shapes.accuracy_by_category(prompts, res.correct), "colour": parts.get("colour", 0.0),
-            "both_right": parts.get("both_right", 0.0), "relation_given_both": parts.get("relation_given_both", 0.0),
-            "swapped_given_both": parts.get("swapped_given_both", 0.0), "order_gap_pooled": gap["pooled"], "order_gap_object": gap["object"]}
+    """Accuracy by category, the relation breakdown and the order gap of ``model``'s default sampling."""
+    parts = shapes_metrics.profile(model, prompts, seeds, batch)
+    gap = shapes_metrics.order_gap(model, prompts)
+    return {**{k: parts.get(k, 0.0) for k in ("one", "two", "three", "four", "count", "relation", "overall", "colour",
+                                               "both_right", "relation_given_both", "swapped_given_both")},
+            "order_gap_pooled": gap["pooled"], "order_gap_object": gap["object"]}
 
 
 def run_recipe(name: str, overrides: list[str], args, out: Path, log) -> None:

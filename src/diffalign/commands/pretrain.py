@@ -15,7 +15,10 @@ def register(app: typer.Typer) -> None:
     def pretrain(
         out: Path = typer.Option(..., help="Output directory (model + checkpoint + metrics)."),
         world: str = typer.Option("shapes", help="The embedded world to pretrain on."),
-        model: str = typer.Option("flow", help="flow (velocity, rectified flow) or vp (epsilon, cosine VP schedule)."),
+        model: Optional[str] = typer.Option(None, help="flow (velocity, rectified flow) or vp (epsilon, cosine VP "
+                                            "schedule); default flow, or the config file's."),
+        config: Optional[Path] = typer.Option(None, help="A pretrain config (YAML), e.g. a shipped model's "
+                                              "pretrain_config.yaml; overrides apply on top."),
         resume: bool = typer.Option(False, help="Continue from OUT/checkpoint.pt."),
         force: bool = typer.Option(False, help="Resume even if the config changed."),
         overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. steps=100 lr=5e-4."),
@@ -26,7 +29,11 @@ def register(app: typer.Typer) -> None:
 
         if world != "shapes":
             fail(f"--world must be 'shapes', got {world!r}")
-        cfg = load_config(PretrainConfig, overrides=[f"model={model}", *(overrides or [])])
+        model_override = [f"model={model}"] if model is not None or config is None else []
+        try:
+            cfg = load_config(PretrainConfig, config, overrides=[*model_override, *(overrides or [])])
+        except (FileNotFoundError, ValueError) as err:
+            fail(str(err))
         typer.echo(dump_config(cfg))
         run(cfg, out, resume=resume, force=force)
         typer.echo(f"saved {out}")

@@ -33,12 +33,14 @@ from .ema import EMA
 @dataclass
 class PretrainConfig:
     model: str = "flow"  # "flow" (velocity, rectified flow) or "vp" (epsilon, cosine VP schedule, v-parametrised)
-    steps: int = 3500  # optimiser steps
+    steps: int = 6000  # optimiser steps
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200  # linear warm-up steps, then cosine decay to lr / 10
     weight_decay: float = 0.0
-    ema_decay: float = 0.999  # the shipped weights are the EMA weights
+    ema_decay: float = 0.999
+    weights: str = "ema"  # which weights the model directory gets: the EMA ("ema") or the last step's ("raw")
+    guidance_scale: float = 4.5  # the model's default CFG scale at sampling time (ShapesModelConfig)
     cfg_dropout: float = 0.1  # probability of training on the empty prompt
     relation_fraction: float = 0.5  # share of relation prompts in a batch
     # training-time distribution over t (docs/shapes.md, "Learning relations"): the base draw is
@@ -47,9 +49,9 @@ class PretrainConfig:
     # the noisy end where layout (and so every spatial relation) is decided
     t_logit_mean: float = 0.0
     t_logit_std: float = 1.0
-    t_high_fraction: float = 0.0
+    t_high_fraction: float = 0.5
     t_high_min: float = 0.6
-    text_pos_std: float = 0.02  # init std of the text encoder's position embeddings (ShapesModelConfig)
+    text_pos_std: float = 1.0  # init std of the text encoder's position embeddings (ShapesModelConfig)
     sequence_pool: bool = False  # FiLM also sees the whole token sequence (ShapesModelConfig)
     init_from: str = ""  # a shapes model directory to continue from instead of a random init (same variant)
     seed: int = 0
@@ -63,6 +65,8 @@ class PretrainConfig:
         check_positive("lr", self.lr)
         check_range("warmup", self.warmup, 0, None, integer=True)
         check_range("ema_decay", self.ema_decay, 0, 1, hi_open=True)
+        check_choice("weights", self.weights, ["ema", "raw"])
+        check_positive("guidance_scale", self.guidance_scale)
         check_range("cfg_dropout", self.cfg_dropout, 0, 1)
         check_range("relation_fraction", self.relation_fraction, 0, 1)
         check_positive("t_logit_std", self.t_logit_std)
@@ -72,6 +76,9 @@ class PretrainConfig:
         if self.model == "vp" and (self.t_logit_mean, self.t_logit_std) != (0.0, 1.0):
             raise ValueError("t_logit_mean / t_logit_std apply to model 'flow' only (VP models draw discrete steps "
                              f"uniformly), got {self.t_logit_mean} / {self.t_logit_std} with model 'vp'")
+
+
+EXPORT_FIELDS = ("weights", "guidance_scale", "log_every", "checkpoint_every")  # change nothing a checkpoint holds
 
 
 def batch_for_step(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -125,14 +132,15 @@ def init_model(cfg: PretrainConfig) -> ShapesDenoiser:
     sequence pool) starts at its own init, which makes it a no-op."""
     variant = "flow" if cfg.model == "flow" else "epsilon"
     model_cfg = replace(default_config(variant, list(shapes.VOCAB)), text_pos_std=cfg.text_pos_std,
-                        sequence_pool=cfg.sequence_pool)
+                        sequence_pool=cfg.sequence_pool, guidance_scale=cfg.guidance_scale)
     if not cfg.init_from:
         return ShapesDenoiser(model_cfg)
     source = ShapesDenoiser.from_pretrained(cfg.init_from)
     if source.prediction_type != variant:
         raise ValueError(f"init_from={cfg.init_from!r} is a {source.prediction_type!r} model; model={cfg.model!r} "
                          f"needs {variant!r}")
-    model = ShapesDenoiser(replace(source.config, sequence_pool=cfg.sequence_pool or source.config.sequence_pool))
+    model = ShapesDenoiser(replace(source.config, sequence_pool=cfg.sequence_pool or source.config.sequence_pool,
+                                   guidance_scale=cfg.guidance_scale))
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     if unexpected or any(not k.startswith("unet.seq_pool.") for k in missing):
         raise ValueError(f"init_from={cfg.init_from!r} does not fit: missing {missing}, unexpected {unexpected}")
@@ -149,7 +157,8 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, force: bool = False,
              progress: bool = True, stop_at: int | None = None,
              on_step: Callable[[int, ShapesDenoiser, EMA], None] | None = None) -> ShapesDenoiser:
-    """Train a shapes model from scratch; the EMA weights are saved to ``out`` with ``save_pretrained``.
+    """Train a shapes model from scratch; the EMA or raw weights (``cfg.weights``) are saved to ``out`` with
+    ``save_pretrained``.
 
     ``stop_at`` ends this invocation after that step (with a checkpoint), as an interruption would;
     ``resume=True`` continues from the checkpoint. ``on_step(step, model, ema)`` is called after every
@@ -166,7 +175,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, forc
     start = 0
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, cfg, model=model, optimizer=opt, ema=ema, force=force)
+        state = load_checkpoint(ckpt_path, cfg, model=model, optimizer=opt, ema=ema, force=force,
+                                ignore=EXPORT_FIELDS)
         start = state["step"]
         generator.set_state(state["generator"])
     save_config(cfg, out / "pretrain_config.yaml")
@@ -212,6 +222,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, forc
     if stop_at is not None and stop_at < cfg.steps:
         return model.eval()  # interrupted: only the checkpoint is written
     final = ShapesDenoiser(model.config)
-    ema.copy_to(final)
+    final.load_state_dict(model.state_dict())
+    if cfg.weights == "ema":
+        ema.copy_to(final)
     final.save_pretrained(out)
     return final.eval()

@@ -88,6 +88,28 @@ def parse(prompt: str) -> ParsedPrompt:
     raise ValueError(f"malformed prompt {prompt!r}: {_HELP}")
 
 
+_MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def swapped(prompt: str) -> str:
+    """``"a A rel a B"`` -> ``"a B rel a A"``: the same words with the objects' roles exchanged (a
+    different scene: the hard negative of an order-blind reading)."""
+    p = parse(prompt)
+    if p.kind != "relation":
+        raise ValueError(f"swapped() needs a relation prompt, got {prompt!r}")
+    return f"a {p.b[0]} {p.b[1]} {p.relation} a {p.a[0]} {p.a[1]}"
+
+
+def canonical(prompt: str) -> str:
+    """One name per scene: ``"a A right of a B"`` and ``"a B left of a A"`` describe the same images
+    (the renderer's and verifier's relations are exact mirror images), so both map to the ``left of``
+    / ``above`` form; count prompts are their own canonical form."""
+    p = parse(prompt)
+    if p.kind == "relation" and p.relation in ("right of", "below"):
+        return f"a {p.b[0]} {p.b[1]} {_MIRROR[p.relation]} a {p.a[0]} {p.a[1]}"
+    return prompt
+
+
 def is_prompt(prompt: str) -> bool:
     """True iff ``prompt`` parses in the shapes world's grammar."""
     try:
@@ -414,58 +436,5 @@ def verify(images: Any, prompts: Sequence[str] | str) -> VerifyResult:
     return VerifyResult(score=score, correct=correct, criteria=crit, objects=objects)
 
 
-def accuracy_by_category(prompts: Sequence[str], correct: Sequence[bool] | np.ndarray) -> dict[str, float]:
-    """Mean exact accuracy per category: one/two/three/four, count (all count prompts), relation, overall.
-    Only categories that occur are present."""
-    correct = np.asarray(correct, bool)
-    if len(correct) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(correct)} results")
-    cats = []
-    for p in map(parse, prompts):
-        cats.append(("relation",) if p.kind == "relation" else (_COUNT_WORD[p.count], "count"))  # type: ignore[index]
-    out: dict[str, float] = {}
-    for name in (*COUNTS, "count", "relation"):
-        sel = np.array([name in c for c in cats], bool)
-        if sel.any():
-            out[name] = float(correct[sel].mean())
-    if len(correct):
-        out["overall"] = float(correct.mean())
-    return out
-
-
-def breakdown(prompts: Sequence[str], result: VerifyResult) -> dict[str, float]:
-    """What an image gets right short of exact accuracy (GenEval's "colors" task, and how relations fail).
-
-    Count prompts: ``colour`` = P(at least one object is detected and every detected object has the
-    named colour). Relation prompts: ``both_right`` = P(exactly the two named objects, right colours and
-    shapes), ``relation_given_both`` = P(the relation holds | both right) -- placement at chance gives
-    about 0.25 --, ``swapped_given_both`` = P(the relation holds with the objects exchanged | both right)
-    -- the right axis, the wrong order -- and ``relation`` = P(both right and the relation), the exact
-    accuracy. ``n_count`` / ``n_relation`` / ``n_both`` count the images behind each rate; a rate with
-    no image behind it is absent.
-    """
-    if len(prompts) != len(result.correct):
-        raise ValueError(f"got {len(prompts)} prompts but {len(result.correct)} results")
-    rel_sel = np.array([parse(p).kind == "relation" for p in prompts], bool)
-    out: dict[str, float] = {"n_count": int((~rel_sel).sum()), "n_relation": int(rel_sel.sum())}
-    if (~rel_sel).any():
-        found = np.array([len(o) > 0 for o in result.objects], bool)[~rel_sel]
-        out["colour"] = float((found & (result.criteria["color"][~rel_sel] == 1.0)).mean())
-    if rel_sel.any():
-        both = result.criteria["count"][rel_sel] == 1.0  # 1 iff both objects are present and nothing else is
-        rel = result.criteria["relation"][rel_sel] == 1.0
-        out.update(both_right=float(both.mean()), relation=float((both & rel).mean()), n_both=int(both.sum()))
-        if both.any():
-            out["relation_given_both"] = float(rel[both].mean())
-            idx = np.flatnonzero(rel_sel)[both]
-            out["swapped_given_both"] = float(np.mean([_swapped(prompts[i], result.objects[i]) for i in idx]))
-    return out
-
-
-def _swapped(prompt: str, objects: list[dict[str, Any]]) -> bool:
-    """With exactly the two named objects detected: do they hold the relation in the reversed order
-    ("B left of A" for "A left of B")? The placement knows the axis but not which object goes first."""
-    p = parse(prompt)
-    a = next(o for o in objects if (o["color"], o["shape"]) == p.a)
-    b = next(o for o in objects if (o["color"], o["shape"]) == p.b)
-    return relation_holds(b["center"], a["center"], str(p.relation))
+# the metrics over verify's results live in shapes_metrics; these names stay importable from here
+from .shapes_metrics import accuracy_by_category, breakdown  # noqa: E402,F401
