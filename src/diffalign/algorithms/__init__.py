@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import crd, ddpo, forward_process, grpo, npo, preference, reward_gradient, stepwise_preference, vgg_flow
+from . import (adaptive_dpo, balanced_dpo, dcpo, dense_reward_dpo, inversion_preference, lpo, ppd, ranking, sdpo,
+               self_npo)
 
 # method name -> (config class, algorithm class, preset overrides of the config defaults)
 METHODS: dict[str, tuple[type, type, dict[str, Any]]] = {
@@ -15,6 +17,8 @@ METHODS: dict[str, tuple[type, type, dict[str, Any]]] = {
     **preference.PRESETS,
     **stepwise_preference.PRESETS,
     **npo.PRESETS,
+    **{k: v for m in (sdpo, inversion_preference, dense_reward_dpo, ranking, dcpo, balanced_dpo, adaptive_dpo, ppd,
+                      self_npo, lpo) for k, v in m.PRESETS.items()},
     **{name: (reward_gradient.RewardGradientConfig, reward_gradient.RewardGradient, preset)
        for name, preset in reward_gradient.PRESETS.items()},
     **{name: (vgg_flow.VGGFlowConfig, vgg_flow.VGGFlow, preset) for name, preset in vgg_flow.PRESETS.items()},

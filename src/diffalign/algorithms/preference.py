@@ -102,8 +102,9 @@ def mapo_loss(err_w: Tensor, err_l: Tensor, beta: float, gamma: float, T: float)
 
 # ----- denoising errors and timesteps --------------------------------------------------------------
 def denoising_error(model: Callable, x0: Tensor, t: Tensor, noise: Tensor, cond: Any, *, schedule: Any,
-                    prediction_type: str, error_space: str = "native") -> Tensor:
-    """``||target - prediction||^2`` averaged over non-batch dims, for ``x_t = alpha x_0 + sigma noise``.
+                    prediction_type: str, error_space: str = "native", reduce: bool = True) -> Tensor:
+    """``||target - prediction||^2`` averaged over non-batch dims, for ``x_t = alpha x_0 + sigma noise``
+    (``reduce=False``: the residual ``prediction - target`` itself, ``[B, ...]``).
 
     The prediction is converted to ``error_space`` (``native``: the model's own type) and compared
     with that space's target built from ``(x_0, noise)``.
@@ -115,7 +116,7 @@ def denoising_error(model: Callable, x0: Tensor, t: Tensor, noise: Tensor, cond:
     space = prediction_type if error_space == "native" else error_space
     pred = convert(model(x_t, t, cond).float(), x_t, alpha, sigma, prediction_type, space)
     target = from_x0_eps(x0, noise, alpha, sigma, space)
-    return (pred - target).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    return (pred - target).pow(2).mean(dim=tuple(range(1, x0.ndim))) if reduce else pred - target
 
 
 def sample_timesteps(schedule: Any, n: int, generator: torch.Generator, dist: str = "uniform") -> Tensor:
@@ -237,6 +238,7 @@ class PairBatch:
     schedule: Any  # the model's noise schedule (timesteps are drawn on it)
     rewards: Tensor | None = None  # [N] the reward that labelled on-policy samples (None for a file)
     info: dict[str, float] = field(default_factory=dict)
+    source_pairs: list | None = None  # file source: the PreferencePair behind chosen[i] / rejected[i]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -359,7 +361,7 @@ class PairedPreference:
         M = len(pick)
         return PairBatch(prompts=prompts, pixels=pixels.contiguous(), x0=x0, cond=base.encode_prompts(prompts),
                          uncond=self._uncond(base, 2 * M), chosen=torch.arange(M), rejected=torch.arange(M, 2 * M),
-                         schedule=base.schedule, info={"pairs": float(M)})
+                         schedule=base.schedule, info={"pairs": float(M)}, source_pairs=pick)
 
     # -- update plan -----------------------------------------------------------------------------
     def _draw(self, batch: PairBatch, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -386,8 +388,9 @@ class PairedPreference:
             yield micros
 
     # -- loss ----------------------------------------------------------------------------------------
-    def errors(self, model, micro: PairMicroBatch, *, reference: bool = False) -> Tensor:
-        """Per-sample denoising errors of the policy (or, without gradient, of the reference)."""
+    def errors(self, model, micro: PairMicroBatch, *, reference: bool = False, reduce: bool = True) -> Tensor:
+        """Per-sample denoising errors of the policy (or, without gradient, of the reference);
+        ``reduce=False``: the residuals ``prediction - target`` (``[n, ...]``)."""
         b, w = micro.batch, self.cfg.train_guidance_scale
         x0, cond = b.x0[micro.idx], cond_index(b.cond, micro.idx)
         uncond = None if b.uncond is None else cond_index(b.uncond, micro.idx)
@@ -395,7 +398,7 @@ class PairedPreference:
             cond = cond_map(lambda c, u: torch.where(micro.dropped.to(c.device).view(-1, *[1] * (c.ndim - 1)), u, c),
                             cond, uncond)
         kw = {"schedule": model_schedule(model), "prediction_type": model_prediction_type(model),
-              "error_space": self.cfg.error_space}
+              "error_space": self.cfg.error_space, "reduce": reduce}
 
         def err(m):
             return denoising_error(lambda x_t, t, c: guided_prediction(m, x_t, t, c, uncond, w), x0, micro.t,
