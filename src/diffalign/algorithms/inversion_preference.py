@@ -17,7 +17,8 @@ at that ``x_t`` with the noise it implies, ``e = (x_t - alpha x_0) / sigma``. Wi
   preference ``p = sigmoid((r^w - r^l) / tau)`` from a reward model's scores ``r`` (the training
   reward; pairs from a file are scored with it): the margin is multiplied by ``kappa (2 p - 1)``,
   so a pair the reward sees as similar contributes almost nothing and one it ranks the other way
-  round pushes the other way (the authors: PickScore scores min-max normalised, ``kappa = 10``).
+  round pushes the other way (the authors: PickScore scores min-max normalised to [0, 1], ``tau = 1``,
+  ``kappa = 10``).
 - **Inversion-DPO** (2025, "Inversion-DPO: Precise and Efficient Post-Training for
   Diffusion Models"): the inversion is done once per epoch with the frozen *reference* model on a
   fixed grid of ``inversion_steps`` steps from 0 to ``t_max``, and ``t`` is drawn from that grid, so
@@ -64,7 +65,7 @@ class InversionDPOConfig(DPOConfig):
     inversion_guidance_scale: float = 1.0  # CFG scale of the inversion (1: conditional only)
     t_max: float = 1.0  # reference inversion: the grid runs from 0 to t_max
     smoothing: bool = False  # SmPO: weight each pair by kappa (2 p - 1), p from the training reward
-    smoothing_temperature: float = 0.1  # tau of p = sigmoid((r^w - r^l) / tau) (reward units)
+    smoothing_temperature: float = 1.0  # tau of p = sigmoid((r^w - r^l) / tau); 1 suits rewards in [0, 1]
     smoothing_scale: float = 10.0  # kappa (the authors' 10)
 
     def __post_init__(self) -> None:

@@ -379,13 +379,14 @@ class PairedPreference:
             return
         perm = torch.randperm(M, generator=generator)
         for chunk in perm.chunk(min(self.cfg.steps_per_epoch, M)):
-            micros = []
-            for sel in chunk.split(self.cfg.micro_batch_size):
-                t, noise, dropped = self._draw(batch, len(sel), generator)
-                idx = torch.cat([batch.chosen[sel], batch.rejected[sel]])
-                micros.append(PairMicroBatch(batch, idx, torch.cat([t, t]), torch.cat([noise, noise]),
-                                             dropped=torch.cat([dropped, dropped])))
-            yield micros
+            yield [self._micro(batch, sel, generator) for sel in chunk.split(self.cfg.micro_batch_size)]
+
+    def _micro(self, batch: PairBatch, sel: Tensor, generator: torch.Generator) -> PairMicroBatch:
+        """The micro-batch of pairs ``sel``: chosen half, then rejected half, sharing ``t`` and noise."""
+        t, noise, dropped = self._draw(batch, len(sel), generator)
+        idx = torch.cat([batch.chosen[sel], batch.rejected[sel]])
+        return PairMicroBatch(batch, idx, torch.cat([t, t]), torch.cat([noise, noise]),
+                              dropped=torch.cat([dropped, dropped]))
 
     # -- loss ----------------------------------------------------------------------------------------
     def errors(self, model, micro: PairMicroBatch, *, reference: bool = False, reduce: bool = True) -> Tensor:

@@ -22,7 +22,6 @@ pairs), where the loss is Diffusion-DPO's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,20 +100,13 @@ class RankingDPO(DiffusionDPO):
             b.info["list_len"] = mask.sum(1).float().mean().item() if len(lists) else 0.0
         return RankedBatch(**vars(b), lists=lists, mask=mask)
 
-    def minibatches(self, batch: RankedBatch, generator: torch.Generator) -> Iterator[list[RankedMicroBatch]]:
-        """Lists in random order; one ``t`` and noise per list, shared by its items."""
-        M, K = batch.lists.shape
-        if M == 0:
-            return
-        perm = torch.randperm(M, generator=generator)
-        for chunk in perm.chunk(min(self.cfg.steps_per_epoch, M)):
-            micros = []
-            for sel in chunk.split(self.cfg.micro_batch_size):
-                t, noise, dropped = self._draw(batch, len(sel), generator)
-                micros.append(RankedMicroBatch(batch, batch.lists[sel].flatten(), t.repeat_interleave(K),
-                                               noise.repeat_interleave(K, dim=0), dropped=dropped.repeat_interleave(K),
-                                               mask=batch.mask[sel]))
-            yield micros
+    def _micro(self, batch: RankedBatch, sel: Tensor, generator: torch.Generator) -> RankedMicroBatch:
+        """Lists ``sel`` (``batch.chosen`` holds their first items); one ``t`` and noise per list, shared by its items."""
+        K = batch.lists.shape[1]
+        t, noise, dropped = self._draw(batch, len(sel), generator)
+        return RankedMicroBatch(batch, batch.lists[sel].flatten(), t.repeat_interleave(K),
+                                noise.repeat_interleave(K, dim=0), dropped=dropped.repeat_interleave(K),
+                                mask=batch.mask[sel])
 
     def loss(self, model, micro: RankedMicroBatch) -> tuple[Tensor, dict[str, float]]:
         shape = micro.mask.shape
