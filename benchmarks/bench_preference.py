@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--base", default="shapes-flow")
     p.add_argument("--run", action="append", default=[], help="LABEL=RUN_DIR (evaluates RUN_DIR/final)")
     p.add_argument("--npo", action="append", default=[], help="LABEL=RUN_DIR: base guided by RUN_DIR/final")
-    p.add_argument("--ppd", action="append", default=[], help="LABEL=RUN_DIR:USER: RUN_DIR/final as user USER")
+    p.add_argument("--ppd", action="append", default=[], help="LABEL=RUN_DIR:USER: RUN_DIR/final as user USER (the first colon splits)")
     p.add_argument("--compare", default="", help="label whose accuracy the others are compared with (paired)")
     p.add_argument("--metrics", default="", help="comma-separated rewards to report beside the verifier")
     p.add_argument("--prompts", type=int, default=200, help="held-out prompts")
@@ -92,7 +92,7 @@ def main() -> None:
     args = p.parse_args()
 
     runs, npo_runs = parse_runs(args.run, "--run"), parse_runs(args.npo, "--npo")
-    ppd_runs = {k: (Path(str(v).rsplit(":", 1)[0]), str(v).rsplit(":", 1)[-1]) for k, v in
+    ppd_runs = {k: (Path(str(v).split(":", 1)[0]), str(v).split(":", 1)[-1]) for k, v in
                 parse_runs(args.ppd, "--ppd").items()}
     base = load_model(args.base)
     models = {"base": base, **{k: load_model(d / "final") for k, d in runs.items()}}

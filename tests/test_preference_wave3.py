@@ -408,18 +408,18 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dirs, tmp_pa
 
 
 WAVE3 = ["sdpo", "smpo", "inpo", "inversion_dpo", "lpo", "self_npo", "balanced_dpo", "dense_reward_dpo", "ipr",
-         "ranking_dpo", "dcpo", "adaptive_dpo", "ppd"]
+         "ranking_dpo", "dcpo", "adaptive_dpo", "ppd", "ppd_file"]
 
 
-@pytest.mark.parametrize("method", WAVE3)
-def test_shipped_configs_are_valid(method):
+@pytest.mark.parametrize("name", WAVE3)
+def test_shipped_configs_are_valid(name):
     from pathlib import Path
 
     from diffalign.config import load_config
 
-    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / f"{method}_shapes.yaml")
+    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / f"{name}_shapes.yaml")
     algo = algorithms.build_config(cfg.method, cfg.algorithm)
-    assert cfg.method == method and algo.prompts_per_epoch > 0 and cfg.model == "shapes-flow"
+    assert cfg.method == name.removesuffix("_file") and algo.prompts_per_epoch > 0 and cfg.model == "shapes-flow"
 
 
 @pytest.mark.parametrize("method,overrides,message", [

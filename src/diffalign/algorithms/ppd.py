@@ -13,7 +13,7 @@ diffalign's construction, model-agnostic and without a VLM:
   ``shots`` pairs, ``phi`` the sample in model space average-pooled to ``pool x pool`` -- the
   direction in which the user's choices move the image;
 - **conditioning**: ``e_u`` through a fixed random projection (seeded by ``projection_seed``,
-  rescaled to the RMS of the prompt's token features) becomes one extra *context token* appended
+  rescaled to the RMS of the empty prompt's token features) becomes one extra *context token* appended
   to the prompt's tokens, read by the model's cross-attention (the unconditional branch gets a
   masked / zero token). Models whose conditioning is a token sequence are supported (the shapes
   models; SD 1.x / 2.x / SDXL through the diffusers adapter);
@@ -70,9 +70,10 @@ def _token_field(cond: Any) -> str:
                      "SD 1.x / 2.x / SDXL)")
 
 
-def user_tokens(embeddings: Tensor, cond: Any, seed: int) -> Tensor:
-    """``[U, D]`` tokens: a fixed random projection of ``[U, F]`` embeddings, at the RMS of ``cond``'s tokens."""
-    tokens = getattr(cond, _token_field(cond)).float()
+def user_tokens(embeddings: Tensor, probe: Any, seed: int) -> Tensor:
+    """``[U, D]`` tokens: a fixed random projection of ``[U, F]`` embeddings, rescaled to the RMS of the
+    ``probe`` conditioning's tokens (the model's encoding of the empty prompt: the same in training and sampling)."""
+    tokens = getattr(probe, _token_field(probe)).float()
     g = torch.Generator().manual_seed(seed)
     proj = torch.randn(embeddings.shape[1], tokens.shape[-1], generator=g).to(embeddings.device)
     out = embeddings.float() @ proj
@@ -118,7 +119,7 @@ class PersonalizedModel:
 
 def personalize(model, embedding: Tensor, cfg: "PPDConfig") -> PersonalizedModel:
     """``model`` sampling as the user of ``embedding`` (``[F]``) under the projection of ``cfg``."""
-    probe = model.encode_prompts(["a"])
+    probe = model.encode_prompts([""])
     return PersonalizedModel(model, user_tokens(embedding[None], probe, cfg.projection_seed)[0])
 
 
@@ -203,8 +204,8 @@ class PPD(DiffusionDPO):
         if new:
             emb = user_embeddings(feat[batch.chosen], feat[batch.rejected], users, cfg.shots)
             self.embeddings.update({u: emb[u].cpu() for u in new})
-        tokens = user_tokens(torch.stack([self.embeddings[u] for u in users]).to(batch.x0.device), batch.cond,
-                             cfg.projection_seed)
+        tokens = user_tokens(torch.stack([self.embeddings[u] for u in users]).to(batch.x0.device),
+                             _unwrap(model).encode_prompts([""]), cfg.projection_seed)
         batch.cond = append_token(batch.cond, torch.cat([tokens, tokens]))
         if batch.uncond is not None:
             batch.uncond = append_token(batch.uncond, None)
