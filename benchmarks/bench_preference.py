@@ -119,7 +119,7 @@ def main() -> None:
     vs_col = [f"accuracy - {args.compare}"] if args.compare else []
     print("| model | accuracy | " + " | ".join(vs_col) + (" | " if vs_col else "") + "count | relation | verifier score | "
           "win rate vs base | diversity | drift | " + "".join(f"{r.name} | " for r in extra) + "train wall s (epochs) |")
-    print("|---" * (10 + len(vs_col) + len(extra)) + "|")
+    print("|---" * (9 + len(vs_col) + len(extra)) + "|")
     for label, m in result["models"].items():
         acc, vs = m["shapes"]["accuracy"], m["vs_base"] or {}
         win = vs.get("win_rate", {}).get("shapes")
