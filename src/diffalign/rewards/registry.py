@@ -29,6 +29,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "aesthetic": ("clip_models:AestheticScore", "LAION aesthetic predictor v2 (CLIP ViT-L/14 + MLP head)"),
     "hpsv2": ("hps:HPSv2", "Human Preference Score v2/v2.1 (Wu et al. 2023), open_clip checkpoint"),
     "imagereward": ("imagereward:ImageReward", "ImageReward (Xu et al. 2023), BLIP + MLP head"),
+    "geneval": ("geneval:GenEvalReward", "GenEval (Ghosh et al. 2023) on Mask2Former + CLIP; Flow-GRPO's partial credit"),
     "learned": ("learned:LearnedReward", "a Bradley-Terry reward model trained by `diffalign train-reward`"),
     "remote": ("remote:RemoteReward", "a reward served over HTTP by `diffalign serve-reward`"),
 }

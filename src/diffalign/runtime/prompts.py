@@ -1,4 +1,5 @@
-"""Where training prompts come from: a split of the shapes world, or a prompts file."""
+"""Where training prompts come from: a split of the shapes world, a prompts file, or a prompt set
+shipped in the package (``set: pickscore/train``; ``diffalign.data.prompt_sets``)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ class PromptsConfig:
     split: str = "train"  # shapes-world split: train | heldout | all (ignored with `file`)
     file: str = ""  # a text file with one prompt per line, instead of the shapes world
     relation_fraction: float = 0.5  # share of relation prompts drawn from the shapes world
+    set: str = ""  # a shipped prompt set (`diffalign.data.prompt_sets.names()`), instead of the shapes world
 
     def __post_init__(self) -> None:
         check_choice("prompts.split", self.split, list(shapes.SPLITS))
+        if self.set:
+            from ..data import prompt_sets
+
+            check_choice("prompts.set", self.set, prompt_sets.names())
+            if self.file:
+                raise ValueError(f"prompts.set={self.set!r} and prompts.file={self.file!r} are both given; use one")
         check_range("prompts.relation_fraction", self.relation_fraction, 0, 1)
 
 
@@ -26,7 +34,11 @@ class PromptSource:
     def __init__(self, cfg: PromptsConfig):
         self.cfg = cfg
         self.lines = None
-        if cfg.file:
+        if cfg.set:
+            from ..data import prompt_sets
+
+            self.lines = prompt_sets.load(cfg.set)
+        elif cfg.file:
             path = Path(cfg.file)
             if not path.is_file():
                 raise FileNotFoundError(f"prompts.file not found: {path}")
