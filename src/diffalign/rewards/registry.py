@@ -30,6 +30,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "hpsv2": ("hps:HPSv2", "Human Preference Score v2/v2.1 (Wu et al. 2023), open_clip checkpoint"),
     "imagereward": ("imagereward:ImageReward", "ImageReward (Xu et al. 2023), BLIP + MLP head"),
     "geneval": ("geneval:GenEvalReward", "GenEval (Ghosh et al. 2023) on Mask2Former + CLIP; Flow-GRPO's partial credit"),
+    "ocr": ("ocr:OCRReward", "text rendering: 1 - normalised edit distance to the quoted text (RapidOCR, Flow-GRPO)"),
     "learned": ("learned:LearnedReward", "a Bradley-Terry reward model trained by `diffalign train-reward`"),
     "remote": ("remote:RemoteReward", "a reward served over HTTP by `diffalign serve-reward`"),
 }
