@@ -31,6 +31,7 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "imagereward": ("imagereward:ImageReward", "ImageReward (Xu et al. 2023), BLIP + MLP head"),
     "geneval": ("geneval:GenEvalReward", "GenEval (Ghosh et al. 2023) on Mask2Former + CLIP; Flow-GRPO's partial credit"),
     "ocr": ("ocr:OCRReward", "text rendering: 1 - normalised edit distance to the quoted text (RapidOCR, Flow-GRPO)"),
+    "vlm_judge": ("vlm_judge:VLMJudge", "P(yes) of a VLM judge over an OpenAI-compatible chat API"),
     "learned": ("learned:LearnedReward", "a Bradley-Terry reward model trained by `diffalign train-reward`"),
     "remote": ("remote:RemoteReward", "a reward served over HTTP by `diffalign serve-reward`"),
 }
