@@ -83,11 +83,14 @@ def check_group_batching(group_size: int, batch_size: int, steps_per_epoch: int)
         raise ValueError(f"steps_per_epoch={steps_per_epoch} must divide batch_size={batch_size}")
 
 
-def safe_reward(reward: Callable, images: Tensor, prompts: list[str]) -> tuple[Tensor, int]:
+def safe_reward(reward: Callable, images: Tensor, prompts: list[str], group: Tensor | None = None) -> tuple[Tensor, int]:
     """Call the reward; return ``(rewards with NaN where it failed, number failed)``.
 
     A reward that raises is retried sample by sample so that one bad sample costs one sample.
+    A group-wise reward (``reward.groupwise``) gets the group ids and is retried group by group.
     """
+    if getattr(reward, "groupwise", False):
+        return _safe_group_reward(reward, images, prompts, group)
     try:
         r = torch.as_tensor(reward(images, prompts), dtype=torch.float32).flatten().cpu()
         if r.shape[0] != len(prompts):
@@ -99,6 +102,26 @@ def safe_reward(reward: Callable, images: Tensor, prompts: list[str]) -> tuple[T
                 r[i] = float(torch.as_tensor(reward(images[i:i + 1], prompts[i:i + 1])).flatten()[0])
             except Exception:
                 r[i] = float("nan")
+    r = torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan")))
+    return r, int(torch.isnan(r).sum())
+
+
+def _safe_group_reward(reward: Callable, images: Tensor, prompts: list[str], group: Tensor | None) -> tuple[Tensor, int]:
+    """``safe_reward`` for a reward that scores whole groups: it sees every group whole."""
+    ids = group if group is not None else torch.tensor([prompts.index(p) for p in prompts])
+    try:
+        r = torch.as_tensor(reward(images, prompts, group=ids), dtype=torch.float32).flatten().cpu()
+        if r.shape[0] != len(prompts):
+            raise ValueError(f"reward returned {r.shape[0]} values for {len(prompts)} images")
+    except Exception:
+        r = torch.full((len(prompts),), float("nan"))
+        for g in ids.unique():
+            idx = torch.nonzero(ids == g).flatten()
+            try:
+                r[idx] = torch.as_tensor(reward(images[idx], [prompts[i] for i in idx.tolist()], group=ids[idx]),
+                                         dtype=torch.float32).flatten().cpu()
+            except Exception:
+                pass
     r = torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan")))
     return r, int(torch.isnan(r).sum())
 
@@ -237,7 +260,11 @@ def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sam
         log_probs.append(traj.log_probs[keep])
     latents = torch.cat(latents)
     images = model.decode(latents[:, -1]).float()
-    rewards, n_failed = safe_reward(reward, images, all_prompts[own])
+    if getattr(reward, "groupwise", False) and (own.start % group_size or own.stop % group_size):
+        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} scores whole groups, but this process holds "
+                         f"samples {own.start}..{own.stop - 1} of groups of {group_size}; make each process's share "
+                         "of algorithm.batch_size a multiple of group_size")
+    rewards, n_failed = safe_reward(reward, images, all_prompts[own], group=group[own])
     valid = ~torch.isnan(rewards)
     return Batch(prompts=all_prompts[own], group=group[own], cond=cond, uncond=uncond, latents=latents,
                  log_probs=torch.cat(log_probs), t=traj.t, sde_mask=traj.sde_mask,

@@ -32,6 +32,8 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "geneval": ("geneval:GenEvalReward", "GenEval (Ghosh et al. 2023) on Mask2Former + CLIP; Flow-GRPO's partial credit"),
     "ocr": ("ocr:OCRReward", "text rendering: 1 - normalised edit distance to the quoted text (RapidOCR, Flow-GRPO)"),
     "vlm_judge": ("vlm_judge:VLMJudge", "P(yes) of a VLM judge over an OpenAI-compatible chat API"),
+    "group_rank": ("group:GroupRank", "rank of a base reward within the group of one prompt, in [0, 1]"),
+    "group_winrate": ("group:GroupWinRate", "win rate against the group (Bradley-Terry probabilities of a base reward)"),
     "learned": ("learned:LearnedReward", "a Bradley-Terry reward model trained by `diffalign train-reward`"),
     "remote": ("remote:RemoteReward", "a reward served over HTTP by `diffalign serve-reward`"),
 }
