@@ -222,3 +222,25 @@ def test_partial_and_strict_modes_and_errors(tiny):
         rewards.get("geneval", path=tiny, mode="soft")
     with pytest.raises(FileNotFoundError, match="mask2former"):
         rewards.get("geneval", path=tiny / "clip")
+
+
+def test_cli_eval_benchmark_geneval_prints_the_task_table(tiny, tmp_path):
+    from tiny_pipelines import build_sd
+    from typer.testing import CliRunner
+
+    from diffalign.cli import app
+
+    pipe = build_sd(tmp_path / "sd")  # a tiny random diffusers pipeline that takes any prompt
+    args = ["eval", "--model", f"base={pipe}", "--benchmark", "geneval", "--benchmark-path", str(tiny),
+            "--num-prompts", "12", "-k", "2", "--steps", "2", "--grid-prompts", "0", "--device", "cpu",
+            "--out", str(tmp_path / "ev")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "== GenEval: base ==" in res.output and "Task breakdown" in res.output
+    assert "Total images: 24" in res.output and "Total prompts: 12" in res.output
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    s = saved["benchmark"]["summaries"]["base"]
+    assert s["images"] == 24 and sum(r["images"] for r in s["tasks"].values()) == 24
+    assert len(saved["models"]["base"]["scores"]["geneval_correct"]) == 24
+    res = CliRunner().invoke(app, args[:5] + ["--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--benchmark-path" in res.output

@@ -124,7 +124,8 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
              rewards: Sequence[Any] = (), target: str | None = None, sampler: str | None = None,
              num_steps: int | None = None, guidance_scale: float | None = None, eta: float | None = None,
              base: str | None = None, batch_size: int = 256, out_dir: str | Path | None = None,
-             grid_prompts: int = 8, negative_models: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             grid_prompts: int = 8, negative_models: Mapping[str, Any] | None = None,
+             keep_scores: bool = False) -> dict[str, Any]:
     """Sample every model on the same ``prompts`` x ``seeds_per_prompt`` seeds and compare them.
 
     models: ``{label: model}``; labels name files, so they match ``LABEL_PATTERN``.
@@ -140,6 +141,8 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
         samples are written there (verified-correct tiles framed green, wrong ones red).
     negative_models: ``{label: model}``: that label's model is sampled with this model in the
         unconditional branch of guidance (Diffusion-NPO; ``core.sampling.generate``).
+    keep_scores: also return every image's score, ``models[label]["scores"][reward]`` (prompt-major
+        lists of ``P * K``; benchmarks such as GenEval tabulate them).
 
     Returns a JSON-able dict (see docs/evaluation.md and ``DEFINITIONS``).
     """
@@ -196,6 +199,8 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
             "shapes": None, "vs_base": None, "grid": None, "seconds": round(rec["seconds"], 3),
             "sampling": rec["sampling"],
         }
+        if keep_scores:
+            entry["scores"] = {name: [float(x) for x in rec["scores"][name]] for name in reward_names}
         if shapes_world:
             v = rec["verify"]
             entry["shapes"] = {"accuracy": shapes.accuracy_by_category(flat_prompts, v.correct),
