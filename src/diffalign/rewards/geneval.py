@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..config import check_choice, check_range
 from .base import Reward, require
-from .clip_common import HF_CLIP_FILES, ClipReward, as_dir, embedding, has_weights, image_settings, load_clip, \
+from .clip_common import DTYPES, HF_CLIP_FILES, ClipReward, as_dir, embedding, has_weights, image_settings, load_clip, \
     load_hf, preprocess
 from .geneval_rules import COLORS, COUNTING_THRESHOLD, THRESHOLD, Detection, MetadataIndex, Verdict, judge
 
@@ -58,7 +58,8 @@ class Mask2FormerDetector:
         if n != len(class_names):
             raise ValueError(f"geneval detector: {str(directory)!r} predicts {n} classes; GenEval needs a COCO "
                              f"instance model with {len(class_names)} (e.g. facebook/mask2former-swin-small-coco-instance)")
-        self.model = model.eval().requires_grad_(False).to(device=device, dtype=getattr(torch, dtype))
+        check_choice("dtype", dtype, DTYPES)
+        self.model = model.eval().requires_grad_(False).to(device=device, dtype=DTYPES[dtype])
         self.class_names, self.top_k = list(class_names), int(top_k)
         self.short, self.long, self.mean, self.std, self.divisor = 800, 1333, IMAGENET_MEAN, IMAGENET_STD, 32
         cfg_file = directory / "preprocessor_config.json"
@@ -140,6 +141,10 @@ class ClipColors(ClipReward):
         model, tok = load_clip(directory, "geneval colour classifier")
         self._setup(model, tok, device, dtype, *image_settings(directory, model.config.vision_config.image_size))
         self._classifiers: dict[str, Tensor] = {}
+
+    def to(self, device: str | torch.device) -> "ClipColors":
+        self._classifiers.clear()
+        return super().to(device)
 
     def classifier(self, name: str) -> Tensor:
         if name not in self._classifiers:
