@@ -238,6 +238,10 @@ def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sam
     group = torch.arange(len(prompts)).repeat_interleave(group_size)
     n = len(all_prompts)
     own = shard.part(n)
+    if getattr(reward, "groupwise", False) and (own.start % group_size or own.stop % group_size):
+        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} scores whole groups, but this process holds "
+                         f"samples {own.start}..{own.stop - 1} of groups of {group_size}; make each process's share "
+                         "of algorithm.batch_size a multiple of group_size")
     device = next(model.parameters()).device
     cond = model.encode_prompts(all_prompts[own])
     uncond = model.encode_prompts([""] * (own.stop - own.start)) if guidance_scale != 1.0 else None
@@ -260,10 +264,6 @@ def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sam
         log_probs.append(traj.log_probs[keep])
     latents = torch.cat(latents)
     images = model.decode(latents[:, -1]).float()
-    if getattr(reward, "groupwise", False) and (own.start % group_size or own.stop % group_size):
-        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} scores whole groups, but this process holds "
-                         f"samples {own.start}..{own.stop - 1} of groups of {group_size}; make each process's share "
-                         "of algorithm.batch_size a multiple of group_size")
     rewards, n_failed = safe_reward(reward, images, all_prompts[own], group=group[own])
     valid = ~torch.isnan(rewards)
     return Batch(prompts=all_prompts[own], group=group[own], cond=cond, uncond=uncond, latents=latents,
