@@ -135,3 +135,14 @@ def test_safe_reward_retries_group_by_group():
     r, failed = safe_reward(Flaky(Fixed()), images, prompts, group=group)
     assert failed == 3 and torch.isnan(r[:3]).all() and torch.isfinite(r[3:]).all()
     assert calls == [6, 3, 3]  # the batch, then each group whole
+
+
+def test_sharded_rollout_refuses_groups_split_over_processes():
+    from test_online_rl import tiny_model
+
+    from diffalign.algorithms._rollout import Shard, rollout
+
+    prompts = ["two red circles", "a red circle", "one blue square"]  # 12 samples, 6 per process: groups split
+    with pytest.raises(ValueError, match="scores whole groups.*multiple of group_size"):
+        rollout(tiny_model(), prompts, GroupRank(Fixed()), group_size=4, sampler="flow_sde", num_steps=2, eta=0.7,
+                guidance_scale=1.0, sde_steps=None, seed=0, shard=Shard(rank=0, world=2))
