@@ -79,15 +79,16 @@ def bench_arch(arch: str, directory: Path, args) -> dict:
     batch = algo.collect(model, prompts[: cfg.prompts_per_epoch], epoch=0, seed=0)
     model.train()
     micro = next(iter(algo.minibatches(batch, torch.Generator().manual_seed(0))))
-    micro = [m for m in micro if m.step == micro[len(micro) // 2].step]  # one mid-trajectory step, whole batch
+    mid = micro[len(micro) // 2].steps[0]
+    micro = [m for m in micro if bool((m.steps == mid).all())]  # one mid-trajectory step, whole batch
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     backbone = model.backbone
 
     inputs = []
     for m in micro:
-        x = batch.latents[m.idx, m.step]
-        t = batch.t[m.step].float().expand(len(m.idx))
+        x = batch.latents[m.idx, m.steps]
+        t = batch.t[m.steps].float()
         cond = cond_index(batch.cond, m.idx)
         if batch.uncond is not None:
             cond = cond_cat(cond, cond_index(batch.uncond, m.idx))

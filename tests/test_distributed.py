@@ -81,7 +81,7 @@ def test_each_way_of_splitting_an_optimiser_step_gives_every_micro_batch_a_total
         own_micro_batches(items, Shard(0, 2), "halves")
 
 
-@pytest.mark.parametrize("micro_batch_size,steps_per_epoch", [(4, 1), (1, 2), (12, 3)])
+@pytest.mark.parametrize("micro_batch_size,steps_per_epoch", [(4, 1), (1, 2), (12, 3), (8, 1), (5, 2)])
 def test_minibatches_split_the_one_process_plan_over_processes(micro_batch_size, steps_per_epoch):
     algo = build("flow_grpo", micro_batch_size=micro_batch_size, steps_per_epoch=steps_per_epoch, timestep_fraction=0.5)
     n = 12
@@ -97,10 +97,11 @@ def test_minibatches_split_the_one_process_plan_over_processes(micro_batch_size,
     for step, (m1, m_a, m_b) in enumerate(zip(one, *parts)):
         assert len(m_a) == len(m_b) == len(m1), step  # every process runs every micro-batch
         for ref, a, b in zip(m1, m_a, m_b):
-            assert ref.step == a.step == b.step
             assert a.share + b.share == pytest.approx(1.0)
-            got = [int(i) for i in a.idx] * (a.share > 0) + [int(i) + n // 2 for i in b.idx] * (b.share > 0)
-            assert sorted(got) == sorted(ref.idx.tolist())
+            assert a.weight == b.weight == ref.weight
+            got = ([(int(i), int(j)) for i, j in zip(a.idx, a.steps)] * (a.share > 0)
+                   + [(int(i) + n // 2, int(j)) for i, j in zip(b.idx, b.steps)] * (b.share > 0))
+            assert sorted(got) == sorted(zip(ref.idx.tolist(), ref.steps.tolist()))  # the same (sample, step) rows
             for m in (a, b):
                 assert m.share == 0 or m.share == pytest.approx(len(m.idx) / len(ref.idx))
 

@@ -231,6 +231,11 @@ class ForwardProcessRL:
     name = "forward_process"
     spread_micro_batches = True  # ``loss`` has no side effects: processes may split each step's micro-batches
 
+    @property
+    def samples_with_policy(self) -> bool:
+        """Rollouts run the trained weights themselves (not the old policy's copy): LoRA may be merged."""
+        return self.cfg.sample_with == "current"
+
     def __init__(self, cfg: ForwardProcessConfig, *, reward: Callable, reference: Callable | None = None):
         if cfg.beta > 0 and reference is None:
             raise ValueError(f"beta={cfg.beta} needs a reference model")
@@ -307,13 +312,13 @@ class ForwardProcessRL:
         adv = micro.batch.advantages[micro.idx].to(pred.device)
         per_sample, stats = self.policy_loss(pred, pred_old, target, x0, x_t, alpha_sigma, t, adv, micro, model)
         loss = per_sample.mean()
-        stats["policy_loss"] = loss.item()
+        stats["policy_loss"] = loss.detach()  # 0-d tensors: read once per epoch
         coef = self.kl_coef(micro.batch)
         if coef > 0:
             kl = self.kl_term(pred, x_t, t, cond, uncond).mean()
             loss = loss + coef * kl
-            stats["kl"], stats["kl_coef"] = kl.item(), coef
-        stats["loss"] = loss.item()
+            stats["kl"], stats["kl_coef"] = kl.detach(), coef
+        stats["loss"] = loss.detach()
         return loss, stats
 
     def policy_loss(self, pred, pred_old, target, x0, x_t, alpha_sigma, t, adv, micro, model):
@@ -373,7 +378,7 @@ class DiffusionNFT(ForwardProcessRL):
         r = optimality_probability(adv)
         per = nft_loss(pred, pred_old, x0, x_t, alpha_sigma[0], alpha_sigma[1], r, cfg.nft_beta,
                        model_prediction_type(model), cfg.adaptive_weight)
-        return per, {"optimality_mean": r.mean().item()}
+        return per, {"optimality_mean": r.mean().detach()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +418,7 @@ class AWM(ForwardProcessRL):
         cfg = self.cfg
         l_theta, l_old = matching_loss(pred, target), matching_loss(pred_old, target)
         per = awm_loss(l_theta, l_old, adv, time_weight(t.float(), cfg.weighting), cfg.clip_range)
-        return per, {"matching_loss": l_theta.mean().item()}
+        return per, {"matching_loss": l_theta.mean().detach()}
 
 
 PRESETS: dict[str, tuple[type, type, dict]] = {

@@ -143,7 +143,8 @@ class PreferenceConfig:
     timestep_sampling: str = "uniform"  # t ~ U(0, 1) (the papers'); logit_normal for flow models
     train_guidance_scale: float = 1.0  # 1: errors of the conditional model (the papers); w > 1: of the CFG-guided one
     uncond_fraction: float = 0.0  # share of pairs trained on the empty prompt (CFG dropout); 0: conditional only
-    micro_batch_size: int = 16  # pairs (or unpaired samples) per forward pass
+    timesteps_per_pair: int = 1  # (t, noise) draws per pair (or unpaired sample) per pass, trained in the same passes
+    micro_batch_size: int = 16  # pair rows (pair x draw; unpaired: 2 samples a row) per forward pass
     steps_per_epoch: int = 1  # optimiser steps per pass over the epoch's pairs
     inner_epochs: int = 1  # passes over each epoch's pairs (fresh t and noise each pass)
 
@@ -153,7 +154,7 @@ class PreferenceConfig:
             raise ValueError("source 'file' needs `data`: a pairs .jsonl, .parquet or directory")
         if self.data and self.source != "file":
             raise ValueError(f"data={self.data!r} is read only with source 'file', got source {self.source!r}")
-        for name in ("pairs_per_epoch", "micro_batch_size", "steps_per_epoch", "inner_epochs"):
+        for name in ("pairs_per_epoch", "timesteps_per_pair", "micro_batch_size", "steps_per_epoch", "inner_epochs"):
             check_positive(name, getattr(self, name), integer=True)
         check_range("group_size", self.group_size, 2, None, integer=True)
         check_range("min_margin", self.min_margin, 0, None)
@@ -292,6 +293,11 @@ class PairedPreference:
     name = "preference"
     uses_reference = True
 
+    @property
+    def samples_with_policy(self) -> bool:
+        """Pairs sampled by the trained weights without gradient (LoRA may be merged for it)."""
+        return self.cfg.source == "policy"
+
     def __init__(self, cfg: PreferenceConfig, *, reward: Callable, reference: Callable | None = None):
         if self.uses_reference and reference is None:
             raise ValueError(f"{self.name} needs a reference model (beta={getattr(cfg, 'beta', None)})")
@@ -371,14 +377,16 @@ class PairedPreference:
         return t.to(batch.x0.device), noise.to(batch.x0.device), dropped
 
     def minibatches(self, batch: PairBatch, generator: torch.Generator) -> Iterator[list[PairMicroBatch]]:
-        """Pairs in random order, ``steps_per_epoch`` chunks; a pair's two samples share ``t`` and noise."""
+        """Pairs in random order, ``steps_per_epoch`` chunks; a pair's two samples share ``t`` and noise.
+        Each pair enters ``timesteps_per_pair`` times with its own draws; the micro-batches cut the
+        rows (pair x draw), so both images of a pair at several ``t`` share one forward pass."""
         M = len(batch.chosen)
         if M == 0:  # every prompt tied: nothing to learn from this epoch
             return
         perm = torch.randperm(M, generator=generator)
         for chunk in perm.chunk(min(self.cfg.steps_per_epoch, M)):
             micros = []
-            for sel in chunk.split(self.cfg.micro_batch_size):
+            for sel in chunk.repeat(self.cfg.timesteps_per_pair).split(self.cfg.micro_batch_size):
                 t, noise, dropped = self._draw(batch, len(sel), generator)
                 idx = torch.cat([batch.chosen[sel], batch.rejected[sel]])
                 micros.append(PairMicroBatch(batch, idx, torch.cat([t, t]), torch.cat([noise, noise]),
@@ -435,7 +443,7 @@ class DiffusionKTO(PairedPreference):
         perm = torch.randperm(len(idx), generator=generator)
         for chunk in perm.chunk(min(self.cfg.steps_per_epoch, len(idx))):
             micros = []
-            for sel in chunk.split(2 * self.cfg.micro_batch_size):  # as many samples as a pair micro-batch
+            for sel in chunk.repeat(self.cfg.timesteps_per_pair).split(2 * self.cfg.micro_batch_size):  # as a pair
                 t, noise, dropped = self._draw(batch, len(sel), generator)
                 micros.append(PairMicroBatch(batch, idx[sel], t, noise, desirable[sel], dropped))
             yield micros

@@ -138,6 +138,7 @@ class StepMicroBatch:
 
 class StepwisePreference:
     name = "stepwise"
+    samples_with_policy = True  # rollouts run the trained weights without gradient (LoRA may be merged)
 
     def __init__(self, cfg: StepwiseConfig, *, reward: Callable, reference: Callable | None = None):
         if reference is None:

@@ -48,6 +48,7 @@ from .diffusers_lora import PersistenceMixin, convert_peft_lora  # noqa: F401 - 
 from .diffusers_options import (  # noqa: F401 - the options and constants are part of this module's API
     _SAMPLING, _T5_LENGTH, _UNSUPPORTED_FLOW_OPTIONS, LORA_PATTERNS, LORA_WEIGHT_NAME, OPTIONS_FILE, PEFT_WEIGHT_NAME,
     PIPELINES, AdapterOptions, DiffusersCond, _dtype, calculate_shift, pipeline_class_name, read_options,
+    set_attention_backend,
 )
 
 
@@ -78,6 +79,8 @@ class DiffusersDenoiser(PersistenceMixin, nn.Module):
             m.requires_grad_(False).eval()
         if self.options.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
+        if self.options.attention_backend is not None:
+            set_attention_backend(backbone, self.options.attention_backend)
         self._text_cache: OrderedDict[str, DiffusersCond] = OrderedDict()
         self._ids_cache: dict = {}
         self.vae_factor = int(getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1)))

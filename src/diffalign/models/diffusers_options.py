@@ -66,6 +66,7 @@ class AdapterOptions:
     gradient_checkpointing: bool = False  # recompute backbone activations in the backward pass
     text_cache_mb: float = 256.0  # LRU cache of prompt embeddings (0 = off)
     decode_batch_size: int = 8  # VAE decode chunk size
+    attention_backend: str | None = None  # diffusers' set_attention_backend ("flash", "_native_cudnn", ...); None: SDPA
 
     def __post_init__(self) -> None:
         if self.resolution is not None:
@@ -87,6 +88,10 @@ class AdapterOptions:
             check_range("guidance_scale", self.guidance_scale, 0, None)
         check_range("text_cache_mb", self.text_cache_mb, 0, None)
         check_positive("decode_batch_size", self.decode_batch_size, integer=True)
+        if self.attention_backend is not None and self.attention_backend.lower().endswith("_hub"):
+            raise ValueError(f"attention_backend={self.attention_backend!r} downloads its kernel from the Hugging Face "
+                             "Hub at run time; install the kernel's package and name the local backend instead "
+                             "(e.g. 'flash', '_flash_3', 'sage')")
 
     @property
     def size(self) -> tuple[int, int] | None:
@@ -149,3 +154,23 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def set_attention_backend(backbone: torch.nn.Module, backend: str) -> None:
+    """diffusers' ``set_attention_backend`` on ``backbone``, refused where it would change nothing: in
+    diffusers 0.42 only attention processors that dispatch through ``attention_dispatch`` (FLUX's,
+    and newer families') read the backend; SD/SDXL UNets and SD3's joint attention call torch's
+    ``scaled_dot_product_attention`` directly (which picks flash / memory-efficient kernels itself)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = sorted(b.value for b in AttentionBackendName)
+    check_choice("attention_backend", backend.lower(), [n for n in names if not n.endswith("_hub")])
+    processors = [getattr(m, "processor", None) for m in backbone.modules()]
+    if not any(hasattr(p, "_attention_backend") for p in processors if p is not None):
+        raise ValueError(f"attention_backend={backend!r}: the attention processors of this "
+                         f"{type(backbone).__name__} do not dispatch through diffusers' attention backends (they call "
+                         "torch's scaled_dot_product_attention directly); leave attention_backend unset")
+    try:
+        backbone.set_attention_backend(backend)
+    except (ImportError, RuntimeError) as e:
+        raise ValueError(f"attention_backend={backend!r} is not usable here: {e}") from e
