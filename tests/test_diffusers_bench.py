@@ -39,6 +39,9 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert lora["trainable_params_M"] < full["trainable_params_M"]
     for r in rows:
         assert r["s_per_step"] > 0 and r["tflop_per_step"] > 0 and r["latent"] == [4, 8, 8]
+        assert r["floor_s_per_image"] > 0 and r["x_floor"] == pytest.approx(r["s_per_image"] / r["floor_s_per_image"],
+                                                                              rel=1e-2)
+    assert lora["lora_merged_rollouts"] and not full["lora_merged_rollouts"]
     assert (tmp_path / "r.json").is_file()
 
 
