@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 WORKERS ?= 2
 
-.PHONY: install test test-fast demo bench bench-sampling bench-search bench-efficiency bench-reward-gradient bench-rewards clean
+.PHONY: install test test-fast demo bench bench-sampling bench-search bench-efficiency bench-reward-gradient bench-rewards bench-throughput clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench-search: $(STAMP)
 
 bench-efficiency: $(STAMP)
 	$(BIN)/python benchmarks/bench_efficiency.py
+
+# 2 threads, as the DDPO comparison of issue 20 was measured; THREADS=1 on a machine shared with other jobs
+THREADS ?= 2
+bench-throughput: $(STAMP)
+	$(BIN)/python benchmarks/bench_throughput.py --threads $(THREADS)
 
 bench-reward-gradient: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_reward_gradient.py

@@ -32,6 +32,7 @@ timestep, ``micro_batch_size`` = the step's samples, no merging: the update befo
 
     make bench-throughput                                  # 2 threads, 5 repeats, every case
     python benchmarks/bench_throughput.py --quick          # 1 repeat on smaller settings (tested)
+    python benchmarks/bench_throughput.py --row-costs      # cost of a row by rows per pass (micro_batch_size)
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def arm_config(case: Case, algo: dict, model: str, arm: str, quick: bool = False
     rows = p["chunk"] * p["per_sample"] if quick or case.fused_rows is None else case.fused_rows
     micro = rows if arm.startswith("fused") else p["chunk"]
     return TrainConfig(model=model, method=case.method, reward="brightness", algorithm={**algo, "micro_batch_size": micro},
-                       epochs=1000, lr=case.lr, lora_rank=case.lora_rank, merge_lora_rollouts=arm == "fused",
+                       epochs=1000, lr=case.lr, lora_rank=case.lora_rank,
+                       merge_lora_rollouts=arm in ("fused", "fused-compiled"), compile_backbone=arm == "fused-compiled",
                        checkpoint_every=1000, mixed_precision="no", device="cpu")
 
 
@@ -191,19 +193,43 @@ class Floor:
         return t1 - t0, time.perf_counter() - t1
 
 
+def row_costs(name: str, args, workdir: Path, rows=(4, 8, 16, 32, 64, 128)) -> dict[int, float]:
+    """CPU milliseconds of one row's forward+backward (guided: both CFG branches) when a pass holds
+    ``rows`` rows: where it stops falling, a larger ``micro_batch_size`` gains nothing."""
+    case = CASES[name]
+    algo = {**case.algorithm, **(case.quick if args.quick else {})}
+    trainer = Trainer(arm_config(case, algo, model_for(name, workdir, args.quick), "fused", args.quick),
+                      workdir / f"{name}-rows", progress=False)
+    floor = Floor(trainer, algo)
+    out = {}
+    for n in rows:
+        inputs = floor.inputs(n, plan(algo)["train_cfg"])
+        reps = max(2, 256 // n)
+        floor.call(inputs).square().mean().backward()
+        c0 = time.process_time()
+        for _ in range(reps):
+            floor.call(inputs).square().mean().backward()
+        out[n] = round((time.process_time() - c0) / reps / n * 1e3, 3)
+        floor.base.zero_grad(set_to_none=True)
+    print(f"{name}: CPU ms per row forward+backward at rows per pass " + ", ".join(f"{n}: {v}" for n, v in out.items()))
+    return out
+
+
 # ----- one case -----------------------------------------------------------------------------------
 def run_case(name: str, args, workdir: Path) -> dict:
     case = CASES[name]
     algo = {**case.algorithm, **(case.quick if args.quick else {})}
     model = model_for(name, workdir, args.quick)
     arms = ["fused", "fused-unmerged", "per-step"] if case.lora_rank else ["fused", "per-step"]
+    arms += ["fused-compiled"] if args.compile else []
     trainers = {arm: Trainer(arm_config(case, algo, model, arm, args.quick), workdir / f"{name}-{arm}", progress=False)
                 for arm in arms}
     floor = Floor(trainers["fused"], algo)
     times: dict[str, list[float]] = {a: [] for a in ["floor", *arms]}
     cpu: dict[str, list[float]] = {a: [] for a in times}
     split: dict[str, list[tuple[float, float]]] = {a: [] for a in times}
-    for r in range(args.repeats + 1):  # repeat 0 warms up
+    warmup: dict[str, float] = {}
+    for r in range(args.repeats + 1):  # repeat 0 warms up (and compiles)
         for arm in ["floor", *arms]:
             c0 = time.process_time()
             if arm == "floor":
@@ -212,7 +238,9 @@ def run_case(name: str, args, workdir: Path) -> dict:
                 t0 = time.perf_counter()
                 row = trainers[arm].train_epoch(r)
                 s, t = row["sample_s"], time.perf_counter() - t0 - row["sample_s"]
-            if r:
+            if not r:
+                warmup[arm] = s + t
+            else:
                 times[arm].append(s + t)
                 cpu[arm].append(time.process_time() - c0)
                 split[arm].append((s, t))
@@ -228,7 +256,7 @@ def run_case(name: str, args, workdir: Path) -> dict:
                             "train_s": round(statistics.median(t for _, t in split[arm]), 3),
                             "images_per_s": round(n / med, 2), "ratio": round(med / f, 3),
                             "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
-                            "cpu_s": round(statistics.median(cpu[arm]), 3),
+                            "warmup_s": round(warmup[arm], 2), "cpu_s": round(statistics.median(cpu[arm]), 3),
                             "cpu_ratio": round(statistics.median(cpu[arm]) / statistics.median(cpu["floor"]), 3)}
     return out
 
@@ -251,6 +279,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="1 repeat on smaller settings (a smoke run)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--row-costs", action="store_true", help="only the cost of a row by rows per pass, per case")
+    p.add_argument("--compile", action="store_true",
+                   help="add a fused-compiled arm (compile_backbone; its warm-up epoch compiles, warmup_s)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats = 1
@@ -267,9 +298,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats (medians; A/B alternated)")
     rows = []
     with tempfile.TemporaryDirectory() as d:
+        if args.row_costs:
+            return [{"case": name, "row_ms": row_costs(name, args, Path(d))} for name in args.cases]
         for name in args.cases:
             rows.append(run_case(name, args, Path(d)))
             report(rows[-1:])
+    for r in rows:
+        if "fused-compiled" in r["arms"]:
+            a, b = r["arms"]["fused-compiled"], r["arms"]["fused"]
+            gain = b["epoch_s"] - a["epoch_s"]
+            print(f"{r['case']}: compiling took {a['warmup_s'] - b['warmup_s']:.1f} s more than a warm-up epoch, "
+                  f"saves {gain:.3f} s per epoch" + (f": pays after {(a['warmup_s'] - b['warmup_s']) / gain:.0f} epochs"
+                                                     if gain > 0 else ""))
     print("\nsummary (epoch / per-timestep floor, medians):")
     for r in rows:
         arms = r["arms"]
