@@ -57,11 +57,13 @@ def test_compile_backbone_compiles_the_backbone_in_place(tmp_path, monkeypatch, 
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
     tiny_model().save_pretrained(tmp_path / "base")
     cfg = TrainConfig(model=str(tmp_path / "base"), compile_backbone=True, lora_rank=lora_rank,
-                      algorithm={"group_size": 2, "batch_size": 4, "num_steps": 2})
+                      algorithm={"group_size": 2, "batch_size": 4, "num_steps": 2, "beta": 0.04})
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     model = trainer._trainable_module()
     base = model.get_base_model() if lora_rank else model
     assert len(compiled) == 1 and compiled[0] is base.unet is backbone_of(model)
+    frozen = trainer.algorithm.reference.frozen  # full fine-tuning: a copy made before compiling
+    assert (frozen is None) == bool(lora_rank) and (frozen is None or frozen.unet is not base.unet)
     assert TrainConfig().compile_backbone is False  # off unless asked: compiling pays on long runs only
 
 

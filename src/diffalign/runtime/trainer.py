@@ -152,11 +152,11 @@ class Trainer:
         else:
             # only the denoising backbone trains; text encoders (and VAEs) stay frozen, as in every real pipeline
             model.trainable_module().requires_grad_(True)
-        if cfg.compile_backbone:  # in place: parameter names, LoRA and checkpoints are unchanged
-            backbone_of(model).compile()
         self.reward = rewards.get(cfg.reward, **cfg.reward_kwargs)
         self.heldout = [rewards.get(name) for name in cfg.heldout_rewards]
         reference = Reference(model) if self.algo_cfg.beta > 0 else None
+        if cfg.compile_backbone:  # in place (names, LoRA, checkpoints unchanged); after the reference's copy
+            backbone_of(model).compile()
         _, algo_cls, _ = algorithms.get(cfg.method)
         self.algorithm = algo_cls(self.algo_cfg, reward=self.reward, reference=reference)
         # how N processes share an epoch (runtime/distributed.py): an algorithm with a `shard` samples
