@@ -4,6 +4,7 @@ accumulation -- written out here with scalar ``t`` the way the update was comput
 for Flow-GRPO, DanceGRPO and DDPO (PPO and REINFORCE) with CFG and KL on, with LoRA, and split over
 two processes; and the step functions score per-row ``t`` as they score one ``t`` at a time."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -112,8 +113,9 @@ def assert_same_gradients(got, want):
 
 CASES = [("flow_grpo", "flow", {"beta": 0.04, "clip_range": 1e-2}),
          ("dance_grpo", "flow", {"beta": 0.04, "clip_range": 0.2, "timestep_fraction": 0.5}),
-         ("ddpo", "epsilon", {"beta": 0.01, "clip_range": 1e-2, "clip_sample": 1.0}),
-         ("ddpo_sf", "epsilon", {"beta": 0.01, "clip_sample": 1.0})]
+         # DDIM's last step (into t = 0) is deterministic and not trained: 3 steps, so one chunk of 8 samples
+         ("ddpo", "epsilon", {"beta": 0.01, "clip_range": 1e-2, "clip_sample": 1.0, "steps_per_epoch": 1}),
+         ("ddpo_sf", "epsilon", {"beta": 0.01, "clip_sample": 1.0, "steps_per_epoch": 1})]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -126,7 +128,9 @@ def test_fused_rows_give_the_per_timestep_gradient(method, kind, kw, lora):
     model.train()
     n_steps = len(algo.train_steps(batch, torch.Generator()))
     chunk = len(batch) // cfg.steps_per_epoch
-    for micro_batch_size in (chunk, 3, chunk * n_steps):  # per step; fused in uneven parts; one fused pass
+    n_rows = chunk * n_steps
+    uneven = next(m for m in range(2, n_rows) if n_rows % math.ceil(n_rows / m))  # parts of two sizes
+    for micro_batch_size in (chunk, uneven, n_rows):  # per step; fused in uneven parts; one fused pass
         algo.cfg.micro_batch_size = micro_batch_size
         plan = list(algo.minibatches(batch, torch.Generator().manual_seed(0)))
         assert len(plan) == cfg.steps_per_epoch
@@ -138,7 +142,7 @@ def test_fused_rows_give_the_per_timestep_gradient(method, kind, kw, lora):
         want, ref_stats = per_step_gradient(algo, model, batch, torch.tensor(samples), trained)
         got, stats = fused_gradient(algo, model, first)
         assert_same_gradients(got, want)
-        if micro_batch_size == chunk * n_steps:
+        if micro_batch_size == n_rows:
             assert len(first) == 1
             if cfg.loss == "ppo":  # clipping statistics over the same rows
                 assert 0 < stats["clip_frac"] < 1

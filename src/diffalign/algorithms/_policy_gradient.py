@@ -83,9 +83,11 @@ class MicroBatch:
 
 
 def gaussian_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
-    """``KL(N(mean, std^2) || N(mean_ref, std^2))`` averaged over non-batch dims (shared std)."""
+    """``KL(N(mean, std^2) || N(mean_ref, std^2))`` averaged over non-batch dims (shared std); 0 where
+    ``std == 0`` (a deterministic step is no policy step: its log-prob is 0 too)."""
     std = std.expand_as(mean).float()
     kl = (mean.float() - mean_ref.float()) ** 2 / (2 * std.clamp_min(1e-12) ** 2)
+    kl = torch.where(std > 0, kl, torch.zeros_like(kl))
     return kl.mean(dim=tuple(range(1, mean.ndim)))
 
 

@@ -137,6 +137,8 @@ def sample(
             step = fn(x, out, t, t_prev, eta=step_eta, generator=generator, schedule=schedule,
                       prediction_type=model.prediction_type, **step_kw)
         x = step.prev_sample
+        if stochastic and not bool((step.std > 0).any()):  # DDIM / CPS into t = 0: no noise, no policy step
+            stochastic = False
         if stochastic:
             log_probs[:, i] = step.log_prob.detach()
         sde_mask[i] = stochastic
