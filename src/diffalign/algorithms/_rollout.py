@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..core.parametrization import cond_cat, cond_index
+from ..core.prompts import negative_prompts
 from ..core.sampling import sample, seeded_noise
 
 
@@ -244,7 +245,7 @@ def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sam
                          "of algorithm.batch_size a multiple of group_size")
     device = next(model.parameters()).device
     cond = model.encode_prompts(all_prompts[own])
-    uncond = model.encode_prompts([""] * (own.stop - own.start)) if guidance_scale != 1.0 else None
+    uncond = model.encode_prompts(negative_prompts(all_prompts[own])) if guidance_scale != 1.0 else None
     first = [seed + (i // group_size) * group_size if shared_noise else seed + i for i in range(n)]
     noise = seeded_noise(model.sample_shape, first[own], device)
     gen = torch.Generator(device).manual_seed(seed)

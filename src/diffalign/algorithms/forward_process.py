@@ -56,6 +56,7 @@ from ..core.parametrization import (
     guided_prediction,
     to_x0_eps,
 )
+from ..core.prompts import negative_prompts
 from ..core.steps import SAMPLERS
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import (
@@ -221,7 +222,7 @@ def finish_batch(batch: Batch, model, cfg: ForwardProcessConfig) -> Batch:
     batch.advantages = torch.where(batch.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
     batch.info.update(reward_stats(batch))
     if batch.uncond is None and (cfg.train_guidance_scale != 1.0 or cfg.kl_guidance_scale != 1.0):
-        batch.uncond = model.encode_prompts([""] * len(batch))
+        batch.uncond = model.encode_prompts(negative_prompts(batch.prompts))
     return batch
 
 

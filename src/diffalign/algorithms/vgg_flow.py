@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_index, guided_prediction, to_x0_eps
+from ..core.prompts import negative_prompts
 from ..core.sampling import sample, seeded_noise
 from ._policy_gradient import _unwrap
 from .reward_gradient import GradientBatch, check_batching, require_differentiable
@@ -168,7 +169,7 @@ class VGGFlow:
         device = next(m.parameters()).device
         with torch.no_grad():
             cond = m.encode_prompts(list(prompts))
-            uncond = m.encode_prompts([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
+            uncond = m.encode_prompts(negative_prompts(prompts)) if cfg.guidance_scale != 1.0 else None
             noise = seeded_noise(m.sample_shape, [seed + i for i in range(len(prompts))], device)
             traj = sample(m, cond, sampler="flow_ode", num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                           noise=noise, uncond=uncond, return_trajectory=True)

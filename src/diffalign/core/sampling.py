@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .parametrization import check_prediction_type, guided_prediction
+from .prompts import negative_prompts
 from .schedules import Schedule
 from .steps import DEFAULT_ETA, ODE_COUNTERPART, get_step
 
@@ -178,7 +179,7 @@ def generate(model: Any, prompts: list[str], seeds: list[int], *, sampler: str =
         for i in range(0, len(prompts), batch_size):
             p, s = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
             cond = model.encode_prompts(p)
-            uncond = model.encode_prompts([""] * len(p)) if guidance_scale != 1.0 else None
+            uncond = model.encode_prompts(negative_prompts(p)) if guidance_scale != 1.0 else None
             noise = seeded_noise(model.sample_shape, s, device)
             traj = sample(model, cond, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                           noise=noise, uncond=uncond, eta=eta, generator=torch.Generator(device).manual_seed(s[0]),

@@ -18,6 +18,26 @@ PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "FluxKontextPipeline": "flux_kontext",
+    "WanPipeline": "wan",
+    "WanImageToVideoPipeline": "wan_i2v",
+    "HunyuanVideoPipeline": "hunyuan_video",
+    "CogVideoXPipeline": "cogvideox",
+    "QwenImagePipeline": "qwen_image",
+    "QwenImageEditPipeline": "qwen_image_edit",
+    "Flux2Pipeline": "flux2",
+    "Flux2KleinPipeline": "flux2_klein",
+    "ZImagePipeline": "z_image",
+    "SanaPipeline": "sana",
+}
+# architecture -> "module:class" of its adapter in diffusers_families/ (imported on demand)
+FAMILIES = {
+    "sd": "sd:SDDenoiser", "sdxl": "sd:SDXLDenoiser", "sd3": "sd3:SD3Denoiser", "flux": "flux:FluxDenoiser",
+    "flux_kontext": "flux:FluxKontextDenoiser", "wan": "wan:WanDenoiser", "wan_i2v": "wan:WanI2VDenoiser",
+    "hunyuan_video": "hunyuan_video:HunyuanVideoDenoiser", "cogvideox": "cogvideox:CogVideoXDenoiser",
+    "qwen_image": "qwen_image:QwenImageDenoiser", "qwen_image_edit": "qwen_image:QwenImageEditDenoiser",
+    "flux2": "flux2:Flux2Denoiser", "flux2_klein": "flux2:Flux2KleinDenoiser", "z_image": "z_image:ZImageDenoiser",
+    "sana": "sana:SanaDenoiser",
 }
 OPTIONS_FILE = "diffalign.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
@@ -35,15 +55,26 @@ LORA_PATTERNS = {
     "sd3": _ATTN + _JOINT + _FFN + _FFN_CONTEXT,
     "flux": _ATTN + _JOINT + _FFN + _FFN_CONTEXT + (r"single_transformer_blocks\.\d+\.proj_mlp",
                                                      r"single_transformer_blocks\.\d+\.proj_out"),
+    # Wan: self- and cross-attention (attn1, attn2; I2V adds the image key / value projections), the FFN
+    "wan": _ATTN + (r"ffn\.net\.0\.proj", r"ffn\.net\.2"),
+    "wan_i2v": _ATTN + (r"add_k_proj", r"add_v_proj", r"ffn\.net\.0\.proj", r"ffn\.net\.2"),
+    "cogvideox": _ATTN + _FFN,
 }
+LORA_PATTERNS["flux_kontext"] = LORA_PATTERNS["hunyuan_video"] = LORA_PATTERNS["flux"]
 # what each architecture samples with unless told otherwise (the pipelines' own defaults)
 _SAMPLING = {
     "sd": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 7.5, "eta": 0.0},
     "sdxl": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 5.0, "eta": 0.0},
     "sd3": {"sampler": "flow_ode", "num_steps": 28, "guidance_scale": 7.0, "eta": None},
     "flux": {"sampler": "flow_ode", "num_steps": 28, "guidance_scale": 1.0, "eta": None},
+    "flux_kontext": {"sampler": "flow_ode", "num_steps": 28, "guidance_scale": 1.0, "eta": None},
+    "wan": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 5.0, "eta": None},
+    "wan_i2v": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 5.0, "eta": None},
+    "hunyuan_video": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 1.0, "eta": None},
+    "cogvideox": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 6.0, "eta": 0.0},
 }
-_T5_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' default max_sequence_length
+# the pipelines' default max_sequence_length (text tokens)
+_T5_LENGTH = {"sd3": 256, "flux": 512, "flux_kontext": 512, "wan": 512, "wan_i2v": 512, "hunyuan_video": 256, "cogvideox": 226}
 _UNSUPPORTED_FLOW_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                              "invert_sigmas", "stochastic_sampling")
 
@@ -54,9 +85,11 @@ class AdapterOptions:
     keys of ``diffalign.json`` in the pipeline directory (keyword arguments win)."""
 
     resolution: int | list[int] | None = None  # pixels, int or [height, width]; None: the model's native size
+    num_frames: int | None = None  # video models: frames per video (None: the pipeline's default)
+    fps: float | None = None  # video models: frames per second of written videos (None: the model's)
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
-    guidance: float | None = None  # FLUX distilled guidance (transformer.config.guidance_embeds); None: 3.5
-    max_sequence_length: int | None = None  # T5 tokens (SD3 default 256, FLUX 512)
+    guidance: float | None = None  # distilled guidance (FLUX.1-dev, FLUX.2-dev, HunyuanVideo); None: the pipeline's
+    max_sequence_length: int | None = None  # text tokens (SD3 256, FLUX 512, ...; see docs/diffusers.md)
     shift: float | None = None  # replaces the scheduler's (static or resolution-dependent) time shift
     sampler: str | None = None  # sampling defaults every command starts from (None: the pipeline's)
     num_steps: int | None = None
@@ -77,6 +110,10 @@ class AdapterOptions:
         check_choice("dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         if self.guidance is not None:
             check_range("guidance", self.guidance, 0, None)
+        if self.num_frames is not None:
+            check_positive("num_frames", self.num_frames, integer=True)
+        if self.fps is not None:
+            check_positive("fps", self.fps)
         if self.max_sequence_length is not None:
             check_positive("max_sequence_length", self.max_sequence_length, integer=True)
         if self.shift is not None:
@@ -102,10 +139,14 @@ class DiffusersCond:
     embeds: Tensor  # [B, L, D] token embeddings (encoder_hidden_states)
     pooled: Tensor | None = None  # [B, P] pooled embedding (SDXL text_embeds; SD3/FLUX pooled_projections)
     time_ids: Tensor | None = None  # [B, 6] SDXL micro-conditioning (size, crop, target size)
-    guidance: Tensor | None = None  # [B] FLUX distilled guidance
+    guidance: Tensor | None = None  # [B] distilled guidance (FLUX.1-dev, FLUX.2-dev, HunyuanVideo)
+    mask: Tensor | None = None  # [B, L] 1 for real text tokens, 0 for padding (models that mask padding)
+    image_embeds: Tensor | None = None  # [B, N, D] image-encoder features of the conditioning image (Wan I2V)
+    image_latents: Tensor | None = None  # [B, ...] VAE latents of the conditioning image(s) (editing, I2V)
 
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in (self.embeds, self.pooled, self.time_ids, self.guidance)
+        return sum(v.numel() * v.element_size() for v in (self.embeds, self.pooled, self.time_ids, self.guidance,
+                                                           self.mask, self.image_embeds, self.image_latents)
                    if v is not None)
 
 
