@@ -9,11 +9,14 @@ same thing (noted per architecture)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import diffusers
-import torch
 
 
 def _pipe(model, directory):
+    if not isinstance(directory, (str, Path)):  # an in-memory pipeline (Qwen-Image-Edit): the model's own
+        return directory
     pipe = type(model.pipeline).from_pretrained(directory, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -57,3 +60,41 @@ def cogvideox(model, directory, prompts, noise, g, steps):
 
 
 REFERENCE["cogvideox"] = cogvideox
+
+
+def qwen_image(model, directory, prompts, noise, g, steps):
+    pipe = _pipe(model, directory)
+    kw = {"negative_prompt": [str(p) for p in _negatives(prompts)], "true_cfg_scale": g} if g != 1 else {}
+    if model.arch == "qwen_image_edit":
+        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
+
+        # the pipeline resizes the image to ~1 megapixel; diffalign (and this reference) keep the model's size
+        edit.calculate_dimensions = lambda area, ratio: (model.width, model.height, None)
+        kw["image"] = _images(prompts)  # one per prompt (the processor needs as many images as image slots)
+    out = pipe(prompt=[str(p) for p in prompts], num_inference_steps=steps, output_type="latent",
+               latents=model.pack(noise), height=model.height, width=model.width,
+               max_sequence_length=model.max_sequence_length, **kw).images
+    return model.unpack(out, *noise.shape[-2:])
+
+
+def _negatives(prompts):
+    from diffalign.core.prompts import negative_prompts
+
+    return negative_prompts(prompts)
+
+
+REFERENCE.update(qwen_image=qwen_image, qwen_image_edit=qwen_image)
+
+
+def flux_kontext(model, directory, prompts, noise, g, steps):
+    # the distilled guidance stays; diffalign's CFG is the pipeline's true CFG with the negative prompt
+    kw = {"negative_prompt": [str(p) for p in _negatives(prompts)], "true_cfg_scale": g} if g != 1 else {}
+    out = _pipe(model, directory)(
+        image=_images(prompts), prompt=[str(p) for p in prompts], num_inference_steps=steps, output_type="latent",
+        latents=model.pack(noise), height=model.height, width=model.width, guidance_scale=model.guidance,
+        max_sequence_length=model.max_sequence_length, max_area=model.height * model.width,
+        _auto_resize=False, **kw).images
+    return model.unpack(out, *noise.shape[-2:])
+
+
+REFERENCE["flux_kontext"] = flux_kontext

@@ -190,9 +190,11 @@ def build_sd3(path, *, seed: int = 0, options: dict | None = None, size: str = "
 
 
 def build_flux(path, *, seed: int = 0, guidance_embeds: bool = True, dynamic_shift: bool = True,
-               options: dict | None = None, size: str = "tiny") -> Path:
-    """FLUX.1-dev-like: CLIP (pooled) + T5, packed latents, guidance embedding, dynamic shifting."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+               options: dict | None = None, size: str = "tiny", pipeline: str = "FluxPipeline") -> Path:
+    """FLUX.1-dev-like: CLIP (pooled) + T5, packed latents, guidance embedding, dynamic shifting
+    (``pipeline="FluxKontextPipeline"``: the same components behind FLUX.1-Kontext's pipeline)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     z = SIZES[size]
@@ -204,7 +206,7 @@ def build_flux(path, *, seed: int = 0, guidance_embeds: bool = True, dynamic_shi
                                          guidance_embeds=guidance_embeds)
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic_shift, base_shift=0.5,
                                             max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(transformer=transformer, scheduler=sched,
+    pipe = getattr(diffusers, pipeline)(transformer=transformer, scheduler=sched,
                         vae=tiny_vae(shift_factor=0.1159, scaling_factor=0.3611),
                         text_encoder=clip_text(tok), tokenizer=tok, text_encoder_2=t5_encoder(tok2), tokenizer_2=tok2)
     return _finish(pipe, path, {"max_sequence_length": T5_MAX_LEN, **(options or {})}, size)

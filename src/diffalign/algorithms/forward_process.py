@@ -48,11 +48,11 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..config import check_choice, check_positive, check_range
-from ..core.parametrization import cfg as cfg_combine
 from ..core.parametrization import (
     cond_cat,
     cond_index,
     from_x0_eps,
+    guidance_rule,
     guided_prediction,
     to_x0_eps,
 )
@@ -288,7 +288,7 @@ class ForwardProcessRL:
         if not detach_uncond:
             return guided_prediction(fn, x_t, t, cond, uncond, scale)
         c, u = fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(cond, uncond)).chunk(2)
-        return cfg_combine(c, u.detach(), scale)
+        return guidance_rule(fn)(c, u.detach(), scale)
 
     def kl_term(self, pred: Tensor, x_t: Tensor, t: Tensor, cond: Any, uncond: Any) -> Tensor:
         """Velocity-space KL surrogate ``||v_theta - v_ref||^2`` against the (guided) reference."""

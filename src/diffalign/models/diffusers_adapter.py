@@ -72,6 +72,7 @@ class DiffusersDenoiser(PersistenceMixin, nn.Module):
     backbone_name = "transformer"
     frozen_names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
     is_video = False
+    ragged_text = False  # text embeddings of variable length under a mask (cached unpadded, padded per batch)
     images_per_prompt: tuple[int, int] = (0, 0)  # conditioning images a prompt must carry (min, max)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "DiffusersDenoiser":
@@ -367,6 +368,9 @@ class DiffusersDenoiser(PersistenceMixin, nn.Module):
                 enc = self._encode(chunk)
                 for j, p in enumerate(chunk):
                     rows[p] = cond_map(lambda v: v[j:j + 1].clone(), enc)  # a copy, not a view of the chunk
+                    if self.ragged_text:  # drop the chunk's padding: rows are padded again when batched
+                        n = int(rows[p].mask.sum())
+                        rows[p].embeds, rows[p].mask = rows[p].embeds[:, :n], rows[p].mask[:, :n]
                     self._remember(p, rows[p])
         return cond_cat(*(rows[p] for p in prompts))
 
@@ -417,6 +421,14 @@ class DiffusersDenoiser(PersistenceMixin, nn.Module):
 
     def _cast(self, v: Tensor | None) -> Tensor | None:
         return None if v is None else v.to(self.compute_dtype)
+
+    @staticmethod
+    def _trim_text(cond: DiffusersCond) -> tuple[Tensor, Tensor | None]:
+        """Embeddings and mask cut to the longest real sequence of the batch (right padding); the
+        mask is ``None`` when no token is padding, as the pipelines pass it."""
+        n = int(cond.mask.sum(1).max())
+        embeds, mask = cond.embeds[:, :n], cond.mask[:, :n]
+        return embeds, (None if bool(mask.all()) else mask)
 
     # ----- images ------------------------------------------------------------------------------
 

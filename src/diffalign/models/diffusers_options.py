@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -59,7 +60,11 @@ LORA_PATTERNS = {
     "wan": _ATTN + (r"ffn\.net\.0\.proj", r"ffn\.net\.2"),
     "wan_i2v": _ATTN + (r"add_k_proj", r"add_v_proj", r"ffn\.net\.0\.proj", r"ffn\.net\.2"),
     "cogvideox": _ATTN + _FFN,
+    # Qwen-Image: joint attention and the image / text MLPs of the dual-stream blocks
+    "qwen_image": _ATTN + _JOINT + (r"img_mlp\.net\.0\.proj", r"img_mlp\.net\.2", r"txt_mlp\.net\.0\.proj",
+                                    r"txt_mlp\.net\.2"),
 }
+LORA_PATTERNS["qwen_image_edit"] = LORA_PATTERNS["qwen_image"]
 LORA_PATTERNS["flux_kontext"] = LORA_PATTERNS["hunyuan_video"] = LORA_PATTERNS["flux"]
 # what each architecture samples with unless told otherwise (the pipelines' own defaults)
 _SAMPLING = {
@@ -72,10 +77,13 @@ _SAMPLING = {
     "wan_i2v": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 5.0, "eta": None},
     "hunyuan_video": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 1.0, "eta": None},
     "cogvideox": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 6.0, "eta": 0.0},
+    "qwen_image": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 4.0, "eta": None},
+    "qwen_image_edit": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 4.0, "eta": None},
 }
 # the pipelines' default max_sequence_length (text tokens)
-_T5_LENGTH = {"sd3": 256, "flux": 512, "flux_kontext": 512, "wan": 512, "wan_i2v": 512, "hunyuan_video": 256, "cogvideox": 226}
-_UNSUPPORTED_FLOW_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+_T5_LENGTH = {"sd3": 256, "flux": 512, "flux_kontext": 512, "wan": 512, "wan_i2v": 512, "hunyuan_video": 256, "cogvideox": 226,
+              "qwen_image": 1024, "qwen_image_edit": 1024}
+_UNSUPPORTED_FLOW_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                              "invert_sigmas", "stochastic_sampling")
 
 
@@ -143,6 +151,24 @@ class DiffusersCond:
     mask: Tensor | None = None  # [B, L] 1 for real text tokens, 0 for padding (models that mask padding)
     image_embeds: Tensor | None = None  # [B, N, D] image-encoder features of the conditioning image (Wan I2V)
     image_latents: Tensor | None = None  # [B, ...] VAE latents of the conditioning image(s) (editing, I2V)
+
+    @classmethod
+    def cond_cat(cls, conds) -> "DiffusersCond":
+        """Batch rows (``core.parametrization.cond_cat``): token sequences of different lengths (rows
+        encoded apart, each unpadded) are right-padded with zeros under ``mask`` to the longest."""
+        from ..core.parametrization import cond_map
+
+        lengths = {c.embeds.shape[1] for c in conds}
+        if len(lengths) > 1:
+            if any(c.mask is None for c in conds):
+                raise ValueError(f"cannot batch text embeddings of lengths {sorted(lengths)} without a padding mask")
+            n = max(lengths)
+
+            def pad(v: Tensor) -> Tensor:
+                return torch.nn.functional.pad(v, (0, 0) * (v.ndim - 2) + (0, n - v.shape[1]))
+
+            conds = [dataclasses.replace(c, embeds=pad(c.embeds), mask=pad(c.mask)) for c in conds]
+        return cond_map(lambda *xs: torch.cat(xs, dim=0), *conds)
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in (self.embeds, self.pooled, self.time_ids, self.guidance,
