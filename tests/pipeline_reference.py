@@ -98,3 +98,47 @@ def flux_kontext(model, directory, prompts, noise, g, steps):
 
 
 REFERENCE["flux_kontext"] = flux_kontext
+
+
+def flux2(model, directory, prompts, noise, g, steps):
+    pipe = _pipe(model, directory)
+    kw = {"image": _images(prompts)[0]} if prompt_images(prompts[0]) else {}
+    if model.arch == "flux2":  # guidance-distilled: the scale is the transformer's input, no CFG
+        assert g == 1, "FLUX.2 [dev] samples without classifier-free guidance"
+        kw["guidance_scale"] = model.guidance
+    else:  # klein: CFG against the empty prompt
+        kw["guidance_scale"] = g
+    out = pipe(prompt=[str(p) for p in prompts], num_inference_steps=steps, output_type="latent", latents=noise,
+               height=model.height, width=model.width, max_sequence_length=model.max_sequence_length, **kw).images
+    if model.arch == "flux2":  # packed tokens [B, h w, C]
+        B, C, h, w = noise.shape
+        return out.transpose(1, 2).reshape(B, C, h, w)
+    return model._to_model(out)  # klein returns the VAE latent
+
+
+def prompt_images(p):
+    return getattr(p, "images", ())
+
+
+REFERENCE.update(flux2=flux2, flux2_klein=flux2)
+
+
+def z_image(model, directory, prompts, noise, g, steps):
+    # the pipeline's guidance pos + s (pos - neg) is diffalign's w = s + 1
+    return _pipe(model, directory)(prompt=[str(p) for p in prompts], num_inference_steps=steps, output_type="latent",
+                                   latents=noise, height=model.height, width=model.width, guidance_scale=g - 1,
+                                   max_sequence_length=model.max_sequence_length).images
+
+
+REFERENCE["z_image"] = z_image
+
+
+def sana(model, directory, prompts, noise, g, steps):
+    pipe = _pipe(model, directory)
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
+    return pipe(prompt=[str(p) for p in prompts], num_inference_steps=steps, output_type="latent", latents=noise,
+                height=model.height, width=model.width, guidance_scale=g, use_resolution_binning=False,
+                max_sequence_length=model.max_sequence_length).images
+
+
+REFERENCE["sana"] = sana

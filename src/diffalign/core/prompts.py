@@ -6,9 +6,11 @@ unconditional branch, so every list of prompts in diffalign -- rollouts, rewards
 ``samples.jsonl`` -- carries the condition through unchanged; only a model that reads images
 (``encode_prompts``) and a reward that compares with the source image look at it.
 
-The unconditional branch of classifier-free guidance is :func:`negative_prompts`: the empty
-prompt for plain text, and for a :class:`Prompt` its negative text *with the same images* (an
-editing model is guided away from the negative text, not away from the source image).
+The unconditional branch of classifier-free guidance is :func:`negative_prompts`: the prompt's
+negative text (empty by default) *with the same images* (an editing model is guided away from the
+negative text, not away from the source image), marked ``unconditional`` -- a model may encode its
+negative branch differently from a prompt with the same text (SANA drops its prompt-enhancing
+instruction there).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ class Prompt(str):
 
     images: tuple[str, ...]
     negative: str
+    unconditional: bool  # the unconditional branch of guidance (not part of equality)
 
-    def __new__(cls, text: str, images: Sequence[Any] = (), negative: str = "") -> "Prompt":
+    def __new__(cls, text: str, images: Sequence[Any] = (), negative: str = "",
+                unconditional: bool = False) -> "Prompt":
         self = super().__new__(cls, text)
         if isinstance(images, (str, bytes)):
             raise ValueError(f"images must be a list of paths, got the single string {images!r}")
@@ -34,6 +38,7 @@ class Prompt(str):
         if not isinstance(negative, str):
             raise ValueError(f"negative prompt must be a string, got {type(negative).__name__}: {negative!r}")
         self.negative = str(negative)
+        self.unconditional = bool(unconditional)
         return self
 
     @property
@@ -58,11 +63,12 @@ class Prompt(str):
         return hash(self._key()) if self.images or self.negative else str.__hash__(self)
 
     def __reduce__(self):
-        return (Prompt, (self.text, self.images, self.negative))
+        return (Prompt, (self.text, self.images, self.negative, self.unconditional))
 
     def __repr__(self) -> str:
         extra = "".join([f", images={list(self.images)!r}" if self.images else "",
-                         f", negative={self.negative!r}" if self.negative else ""])
+                         f", negative={self.negative!r}" if self.negative else "",
+                         ", unconditional=True" if self.unconditional else ""])
         return f"Prompt({self.text!r}{extra})"
 
 
@@ -71,14 +77,14 @@ def prompt_images(prompt: str) -> tuple[str, ...]:
     return getattr(prompt, "images", ())
 
 
+def is_unconditional(prompt: str) -> bool:
+    return bool(getattr(prompt, "unconditional", False))
+
+
 def negative_prompts(prompts: Sequence[str]) -> list[str]:
-    """The prompts of the unconditional branch of guidance, one per prompt: ``""`` for plain text,
-    a :class:`Prompt`'s negative text with the same conditioning images."""
-    out: list[str] = []
-    for p in prompts:
-        images, negative = prompt_images(p), getattr(p, "negative", "")
-        out.append(Prompt(negative, images) if images else negative)
-    return out
+    """The prompts of the unconditional branch of guidance, one per prompt: the negative text
+    (``""`` for plain text) with the prompt's conditioning images, marked ``unconditional``."""
+    return [Prompt(getattr(p, "negative", ""), prompt_images(p), unconditional=True) for p in prompts]
 
 
 def load_image(path: str, size: tuple[int, int] | None = None) -> Any:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..config import from_dict
 from ..core.parametrization import check_prediction_type
-from ..core.prompts import load_image, prompt_images
+from ..core.prompts import is_unconditional, load_image, prompt_images
 from ..core.schedules import BETA_SCHEDULES, FlowSchedule, Schedule, VPSchedule
 from .diffusers_lora import PersistenceMixin, convert_peft_lora  # noqa: F401 - re-exported
 from .diffusers_options import (  # noqa: F401 - the options and constants are part of this module's API
@@ -98,7 +98,7 @@ class DiffusersDenoiser(PersistenceMixin, nn.Module):
             m.requires_grad_(False).eval()
         if self.options.gradient_checkpointing:
             backbone.enable_gradient_checkpointing()
-        self._text_cache: OrderedDict[str, DiffusersCond] = OrderedDict()
+        self._text_cache: OrderedDict[tuple, DiffusersCond] = OrderedDict()
         self._ids_cache: dict = {}
         self.vae_factor = self._vae_factor()
         self._check_options()
@@ -354,31 +354,32 @@ class DiffusersDenoiser(PersistenceMixin, nn.Module):
         if len({len(prompt_images(p)) for p in prompts}) > 1:
             raise ValueError("prompts encoded together must carry the same number of conditioning images, got "
                              f"{sorted({len(prompt_images(p)) for p in prompts})}")
-        rows: dict[str, DiffusersCond] = {}
+        keys = [(p, is_unconditional(p)) for p in prompts]  # a model may encode its negative branch apart
+        rows: dict[tuple, DiffusersCond] = {}
         todo = []
-        for p in dict.fromkeys(prompts):
-            if p in self._text_cache:
-                self._text_cache.move_to_end(p)
-                rows[p] = self._text_cache[p]
+        for key in dict.fromkeys(keys):
+            if key in self._text_cache:
+                self._text_cache.move_to_end(key)
+                rows[key] = self._text_cache[key]
             else:
-                todo.append(p)
+                todo.append(key)
         with torch.no_grad():
             for i in range(0, len(todo), 32):
                 chunk = todo[i:i + 32]
-                enc = self._encode(chunk)
-                for j, p in enumerate(chunk):
-                    rows[p] = cond_map(lambda v: v[j:j + 1].clone(), enc)  # a copy, not a view of the chunk
+                enc = self._encode([p for p, _ in chunk])
+                for j, key in enumerate(chunk):
+                    row = rows[key] = cond_map(lambda v: v[j:j + 1].clone(), enc)  # a copy, not a view of the chunk
                     if self.ragged_text:  # drop the chunk's padding: rows are padded again when batched
-                        n = int(rows[p].mask.sum())
-                        rows[p].embeds, rows[p].mask = rows[p].embeds[:, :n], rows[p].mask[:, :n]
-                    self._remember(p, rows[p])
-        return cond_cat(*(rows[p] for p in prompts))
+                        n = int(row.mask.sum())
+                        row.embeds, row.mask = row.embeds[:, :n], row.mask[:, :n]
+                    self._remember(key, row)
+        return cond_cat(*(rows[k] for k in keys))
 
-    def _remember(self, prompt: str, row: DiffusersCond) -> None:
+    def _remember(self, key: tuple, row: DiffusersCond) -> None:
         budget = self.options.text_cache_mb * 2**20
         if budget <= 0:
             return
-        self._text_cache[prompt] = row
+        self._text_cache[key] = row
         total = sum(r.nbytes() for r in self._text_cache.values())
         while total > budget and self._text_cache:
             _, old = self._text_cache.popitem(last=False)
@@ -454,7 +455,9 @@ class DiffusersDenoiser(PersistenceMixin, nn.Module):
         """Images in ``[0, 1]`` -> the VAE posterior mean (raw, not normalised)."""
         vae = self.vae
         x = images.to(device=self.device, dtype=vae.dtype) * 2 - 1
-        return torch.cat([vae.encode(c).latent_dist.mode() for c in x.split(self.options.decode_batch_size)])
+        out = [vae.encode(c) for c in x.split(self.options.decode_batch_size)]
+        # AutoencoderKL*: a Gaussian posterior (its mean); AutoencoderDC (SANA): a deterministic latent
+        return torch.cat([o.latent if hasattr(o, "latent") else o.latent_dist.mode() for o in out])
 
 
 def _is_linear(m: nn.Module) -> bool:

@@ -65,6 +65,14 @@ LORA_PATTERNS = {
                                     r"txt_mlp\.net\.2"),
 }
 LORA_PATTERNS["qwen_image_edit"] = LORA_PATTERNS["qwen_image"]
+# FLUX.2: joint attention and the SwiGLU feed-forwards of the double blocks, the fused single blocks
+LORA_PATTERNS["flux2"] = LORA_PATTERNS["flux2_klein"] = _ATTN + _JOINT + (
+    r"ff\.linear_in", r"ff\.linear_out", r"ff_context\.linear_in", r"ff_context\.linear_out",
+    r"attn\.to_qkv_mlp_proj", r"single_transformer_blocks\.\d+\.attn\.to_out")
+# Z-Image: attention and the SwiGLU feed-forward of every block (the refiners included)
+LORA_PATTERNS["sana"] = _ATTN  # SANA's feed-forward is convolutional (GLUMBConv)
+LORA_PATTERNS["z_image"] = (r"attention\.to_q", r"attention\.to_k", r"attention\.to_v", r"attention\.to_out\.0",
+                            r"feed_forward\.w1", r"feed_forward\.w2", r"feed_forward\.w3")
 LORA_PATTERNS["flux_kontext"] = LORA_PATTERNS["hunyuan_video"] = LORA_PATTERNS["flux"]
 # what each architecture samples with unless told otherwise (the pipelines' own defaults)
 _SAMPLING = {
@@ -79,10 +87,15 @@ _SAMPLING = {
     "cogvideox": {"sampler": "ddim", "num_steps": 50, "guidance_scale": 6.0, "eta": 0.0},
     "qwen_image": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 4.0, "eta": None},
     "qwen_image_edit": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 4.0, "eta": None},
+    "flux2": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 1.0, "eta": None},
+    "flux2_klein": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 4.0, "eta": None},
+    "z_image": {"sampler": "flow_ode", "num_steps": 50, "guidance_scale": 6.0, "eta": None},  # the pipeline's s = 5
+    "sana": {"sampler": "flow_ode", "num_steps": 20, "guidance_scale": 4.5, "eta": None},
 }
 # the pipelines' default max_sequence_length (text tokens)
 _T5_LENGTH = {"sd3": 256, "flux": 512, "flux_kontext": 512, "wan": 512, "wan_i2v": 512, "hunyuan_video": 256, "cogvideox": 226,
-              "qwen_image": 1024, "qwen_image_edit": 1024}
+              "qwen_image": 1024, "qwen_image_edit": 1024, "flux2": 512, "flux2_klein": 512,
+              "z_image": 512, "sana": 300}
 _UNSUPPORTED_FLOW_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                              "invert_sigmas", "stochastic_sampling")
 
