@@ -34,13 +34,14 @@ def parse_models(items: List[str]) -> dict[str, str]:
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
-    if not path.is_file():
-        fail(f"prompts file not found: {path}")
-    prompts = [s.strip() for s in path.read_text().splitlines() if s.strip() and not s.strip().startswith("#")]
-    if not prompts:
-        fail(f"prompts file {path} has no prompts (one per line; '#' starts a comment)")
-    return prompts
+    """One prompt per line (or JSONL with conditioning images); blank lines and lines starting with
+    ``#`` are skipped (``runtime.prompts.read_prompt_file``)."""
+    from ..runtime.prompts import read_prompt_file as read
+
+    try:
+        return read(path)
+    except (OSError, ValueError) as e:
+        fail(str(e))
 
 
 def resolve_rewards(specs: List[str]) -> list:
