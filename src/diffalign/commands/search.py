@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         result = search.run(method, base, texts, r, budget=budget, tuned=tuned_model,
                             num_images_per_prompt=num_per_prompt, seed=seed, sampler=sampler, num_steps=steps,
                             guidance_scale=guidance, eta=eta, **opts)
-        summary = search.save_result(result, out)
+        summary = search.save_result(result, out, fps=getattr(base, "fps", 8.0))
         t = result.trace
         line = (f"{method}: wrote {summary['images']} images to {out}; spent {result.nfe} of {budget} NFE "
                 f"({t['nfe_per_image']:.1f} per image; {t['sampler']}, {t['num_steps']} steps, guidance "
