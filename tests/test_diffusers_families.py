@@ -112,3 +112,50 @@ def test_lora_saved_by_the_adapter_loads_in_plain_diffusers(tiny_pipeline, arch,
     with torch.no_grad():
         loaded = DiffusersDenoiser(pipe, options=model.options)(x, t, cond)
     assert torch.allclose(loaded, tuned, atol=1e-5), (loaded - tuned).abs().max()
+
+
+@pytest.mark.parametrize("arch", ["flux_kontext", "qwen_image_edit", "wan_i2v", "flux2"])
+def test_the_conditioning_image_reaches_the_backbone(tiny_pipeline, arch, tmp_path):
+    model, _ = load(tiny_pipeline, arch)
+    size = (model.height, model.width)
+    a, b = (write_image(tmp_path / f"{k}.png", size, seed=k) for k in (1, 2))
+    pa, pb = Prompt("make it red", [a]), Prompt("make it red", [b])
+    x, t = seeded_noise(model.sample_shape, [0]), torch.tensor([0.6])
+    with torch.no_grad():
+        out_a, out_b = model(x, t, model.encode_prompts([pa])), model(x, t, model.encode_prompts([pb]))
+        again = model(x, t, model.encode_prompts([Prompt("make it red", [a])]))
+    assert (out_a - out_b).abs().max() > 1e-4  # another image, another prediction
+    assert torch.equal(out_a, again)
+    # the unconditional branch keeps the image: guidance moves away from the negative text only
+    neg = negative_prompts([Prompt("make it red", [a], negative="blurry")])[0]
+    assert neg == Prompt("blurry", [a]) and neg.unconditional
+    if arch == "flux2":  # FLUX.2 takes 0 to 10 reference images; without one it is text-to-image
+        with torch.no_grad():
+            assert (model(x, t, model.encode_prompts(["make it red"])) - out_a).abs().max() > 1e-4
+    else:
+        with pytest.raises(ValueError, match=f"this {arch} model takes 1 conditioning image per prompt; "
+                                             "'make it red' has 0"):
+            model.encode_prompts(["make it red"])
+
+
+def test_conditioning_images_are_resized_to_the_model_resolution(tiny_pipeline, tmp_path):
+    model, _ = load(tiny_pipeline, "flux_kontext")
+    big = write_image(tmp_path / "big.png", (48, 40), seed=3)
+    cond = model.encode_prompts([Prompt("make it red", [big])])
+    assert cond.image_latents.shape[-2:] == model.latent_size
+
+
+def test_unsupported_video_variants_are_refused_with_a_reason(tiny_pipeline):
+    model, _ = load(tiny_pipeline, "wan")
+    pipe = type(model.pipeline).from_pretrained(tiny_pipeline("wan"), local_files_only=True)
+    pipe.register_modules(transformer_2=pipe.transformer)
+    with pytest.raises(ValueError, match="two experts .*Wan 2.2 A14B.* not supported"):
+        DiffusersDenoiser(pipe)
+    with pytest.raises(ValueError, match=r"num_frames=8 must be 4k \+ 1 .*use 5 or 9"):
+        DiffusersDenoiser.from_pretrained(tiny_pipeline("wan"), num_frames=8)
+    with pytest.raises(ValueError, match="num_frames / fps are video options"):
+        DiffusersDenoiser.from_pretrained(tiny_pipeline("qwen_image"), num_frames=9)
+    v = load_model(tiny_pipeline("cogvideox"))
+    assert v.is_video and v.sample_shape == (4, 3, 4, 4) and v.fps == 8.0
+    videos = v.decode(seeded_noise(v.sample_shape, [0]))
+    assert videos.shape == (1, 9, 3, 32, 32) and 0 <= videos.min() and videos.max() <= 1
