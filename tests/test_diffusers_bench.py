@@ -57,7 +57,8 @@ def test_gpu_benchmark_builds_the_sd35_medium_config():
 
 @pytest.mark.slow
 def test_cpu_benchmark_runs():
-    rows = load("bench_diffusers").main(["--size", "tiny", "--arch", "sd", "flux", "--batch", "4", "--steps", "2",
+    rows = load("bench_diffusers").main(["--size", "tiny", "--arch", "sd", "flux", "wan", "z_image", "--batch", "4",
+                                         "--steps", "2",
                                          "--repeats", "1"])
-    assert [r["arch"] for r in rows] == ["sd", "flux"]
+    assert [r["arch"] for r in rows] == ["sd", "flux", "wan", "z_image"]
     assert all(r["ratio"] > 0 and r["images_per_s"] > 0 for r in rows)

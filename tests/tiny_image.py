@@ -53,17 +53,18 @@ def build_qwen_image(path, *, seed: int = 0, options: dict | None = None, size: 
                            QwenImageTransformer2DModel)
 
     torch.manual_seed(seed)
-    layers = 2 if size == "tiny" else 4
+    heads, layers = (2, 2) if size == "tiny" else (4, 4)
     tok = chat_tokenizer()
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=layers,
-                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=16,
                                               axes_dims_rope=(8, 4, 4))
     sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
                                             max_shift=0.9, shift=1.0, shift_terminal=0.02, use_dynamic_shifting=True,
                                             time_shift_type="exponential")
     parts = dict(transformer=transformer, scheduler=sched, vae=qwen_vae(), text_encoder=qwen_vl(tok), tokenizer=tok)
     if not edit:
-        return _finish(QwenImagePipeline(**parts), path, {**IMAGE, **(options or {})})
+        return _finish(QwenImagePipeline(**parts), path, {**IMAGE, **({"resolution": 64} if size == "small" else {}),
+                                                          **(options or {})})
     return QwenImageEditPipeline(processor=qwen_vl_processor(tok), **parts)
 
 
@@ -112,11 +113,12 @@ def flux2_vae():
     return vae
 
 
-def flux2_transformer(in_channels: int, joint_dim: int, guidance_embeds: bool, layers: int):
+def flux2_transformer(in_channels: int, joint_dim: int, guidance_embeds: bool, size: str):
     from diffusers import Flux2Transformer2DModel
 
+    heads, layers = (2, 1) if size == "tiny" else (4, 2)
     return Flux2Transformer2DModel(in_channels=in_channels, num_layers=layers, num_single_layers=layers,
-                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=joint_dim,
+                                   attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=joint_dim,
                                    timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
                                    guidance_embeds=guidance_embeds)
 
@@ -146,7 +148,7 @@ def build_flux2(path, *, seed: int = 0, options: dict | None = None, size: str =
                            num_attention_heads=2, head_dim=4, image_size=32, patch_size=16),
         image_token_index=tok.convert_tokens_to_ids("[IMG]"))
     encoder = Mistral3ForConditionalGeneration(cfg).eval()
-    pipe = Flux2Pipeline(transformer=flux2_transformer(16, 24, True, 1 if size == "tiny" else 2),
+    pipe = Flux2Pipeline(transformer=flux2_transformer(16, 24, True, size),
                          scheduler=flux2_scheduler(), vae=flux2_vae(), text_encoder=encoder, tokenizer=tok)
     return _finish(pipe, path, {**IMAGE, "max_sequence_length": 640, "num_steps": 4, **(options or {})})
 
@@ -165,7 +167,7 @@ def build_flux2_klein(path, *, seed: int = 0, options: dict | None = None, size:
                                            num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=2,
                                            head_dim=4, max_position_embeddings=512,
                                            pad_token_id=tok.pad_token_id)).eval()
-    pipe = Flux2KleinPipeline(transformer=flux2_transformer(16, 24, False, 1 if size == "tiny" else 2),
+    pipe = Flux2KleinPipeline(transformer=flux2_transformer(16, 24, False, size),
                               scheduler=flux2_scheduler(), vae=flux2_vae(), text_encoder=encoder, tokenizer=tok,
                               is_distilled=distilled)
     return _finish(pipe, path, {**IMAGE, "max_sequence_length": 64, "num_steps": 4, **(options or {})})
@@ -188,14 +190,16 @@ def build_z_image(path, *, seed: int = 0, options: dict | None = None, size: str
     encoder = Qwen3Model(Qwen3Config(vocab_size=len(tok) + 8, hidden_size=16, intermediate_size=37,
                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                                      max_position_embeddings=512, pad_token_id=tok.pad_token_id)).eval()
-    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
-                                           n_layers=1 if size == "tiny" else 3, n_refiner_layers=1, n_heads=2,
-                                           n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4],
-                                           axes_lens=[256, 32, 32])
+    small = size == "small"
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4,
+                                           dim=64 if small else 32, n_layers=3 if small else 1, n_refiner_layers=1,
+                                           n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                           axes_dims=[16, 8, 8] if small else [8, 4, 4], axes_lens=[256, 32, 32])
     pipe = ZImagePipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                           vae=tiny_vae(shift_factor=0.1159, scaling_factor=0.3611), text_encoder=encoder,
                           tokenizer=tok)
-    return _finish(pipe, path, {**IMAGE, "resolution": 16, "max_sequence_length": 64, **(options or {})})
+    return _finish(pipe, path, {**IMAGE, "resolution": 32 if small else 16, "max_sequence_length": 64,
+                                **(options or {})})
 
 
 IMAGE_BUILDERS["z_image"] = build_z_image
@@ -213,10 +217,11 @@ def build_sana(path, *, seed: int = 0, options: dict | None = None, size: str = 
     encoder = Gemma2Model(Gemma2Config(vocab_size=len(tok) + 8, hidden_size=16, intermediate_size=37,
                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                                        max_position_embeddings=2048, pad_token_id=tok.pad_token_id)).eval()
-    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                                         num_layers=1 if size == "tiny" else 3, num_cross_attention_heads=2,
-                                         cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-                                         sample_size=8, patch_size=1)
+    heads, layers = (2, 1) if size == "tiny" else (4, 3)
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=8,
+                                         num_layers=layers, num_cross_attention_heads=heads, cross_attention_head_dim=8,
+                                         cross_attention_dim=heads * 8, caption_channels=16, sample_size=8,
+                                         patch_size=1)
     vae = AutoencoderDC(latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
                         decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
                         decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),

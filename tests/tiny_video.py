@@ -11,10 +11,12 @@ import torch
 from tiny_pipelines import _finish, byte_tokenizer, clip_text, clip_tokenizer, t5_encoder, t5_tokenizer
 
 VIDEO = {"resolution": 32, "num_frames": 9}
+SMALL = {"resolution": 64}  # size="small" (benchmarks): 4x4 -> 8x8 latent positions per frame, wider backbones
 
 
-def _save(pipe, path, options):
-    return _finish(pipe, path, {**VIDEO, "max_sequence_length": 32, **(options or {})})
+def _save(pipe, path, options, size="tiny"):
+    return _finish(pipe, path, {**VIDEO, "max_sequence_length": 32, **(SMALL if size == "small" else {}),
+                                **(options or {})})
 
 
 def wan_vae():
@@ -42,14 +44,14 @@ def build_wan(path, *, seed: int = 0, options: dict | None = None, size: str = "
     parts = dict(tokenizer=tok, text_encoder=t5_encoder(tok, umt5=True), vae=wan_vae(), transformer=transformer,
                  scheduler=sched)
     if not i2v:
-        return _save(WanPipeline(**parts), path, options)
+        return _save(WanPipeline(**parts), path, options, size)
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
                                               num_hidden_layers=2, image_size=32, patch_size=8, projection_dim=32))
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return _save(WanImageToVideoPipeline(image_encoder=vision.eval(), image_processor=processor, **parts), path,
-                 options)
+                 options, size)
 
 
 def build_wan_i2v(path, **kw) -> Path:
@@ -70,7 +72,7 @@ def build_hunyuan_video(path, *, seed: int = 0, options: dict | None = None, siz
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    heads, layers = (2, 1) if size == "tiny" else (4, 2)
+    heads, head_dim, layers = (2, 8, 1) if size == "tiny" else (4, 16, 2)
     tok = byte_tokenizer(("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), bos="<|begin_of_text|>",
                          eos="<|end_of_text|>", pad="<|end_of_text|>")
     llama = LlamaModel(LlamaConfig(vocab_size=len(tok) + 8, hidden_size=16, intermediate_size=37, num_hidden_layers=3,
@@ -78,15 +80,15 @@ def build_hunyuan_video(path, *, seed: int = 0, options: dict | None = None, siz
                                    pad_token_id=tok.pad_token_id)).eval()
     tok2 = clip_tokenizer(77)
     transformer = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=8, num_layers=layers,
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
         num_single_layers=layers, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=32, rope_axes_dim=(2, 2, 4))
+        text_embed_dim=16, pooled_projection_dim=32, rope_axes_dim=(2, 2, 4) if size == "tiny" else (4, 6, 6))
     vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                                     norm_num_groups=4, mid_block_add_attention=False)
     pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tok, transformer=transformer, vae=vae,
                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
                                 text_encoder_2=clip_text(tok2, max_positions=77), tokenizer_2=tok2)
-    return _save(pipe, path, {"max_sequence_length": 640, **(options or {})})
+    return _save(pipe, path, {"max_sequence_length": 640, **(options or {})}, size)
 
 
 VIDEO_BUILDERS["hunyuan_video"] = build_hunyuan_video
@@ -99,10 +101,10 @@ def build_cogvideox(path, *, seed: int = 0, options: dict | None = None, size: s
                            CogVideoXTransformer3DModel)
 
     torch.manual_seed(seed)
-    layers = 1 if size == "tiny" else 3
+    heads, head_dim, layers = (2, 8, 1) if size == "tiny" else (4, 16, 3)
     tok = t5_tokenizer()
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=32, num_layers=layers, sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=32)
     vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 4,
@@ -114,7 +116,7 @@ def build_cogvideox(path, *, seed: int = 0, options: dict | None = None, size: s
                                    set_alpha_to_one=True, timestep_spacing="trailing", clip_sample=False)
     pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=t5_encoder(tok), vae=vae, transformer=transformer,
                              scheduler=sched)
-    return _save(pipe, path, options)
+    return _save(pipe, path, options, size)
 
 
 VIDEO_BUILDERS["cogvideox"] = build_cogvideox
