@@ -62,3 +62,22 @@ def test_cpu_benchmark_runs():
                                          "--repeats", "1"])
     assert [r["arch"] for r in rows] == ["sd", "flux", "wan", "z_image"]
     assert all(r["ratio"] > 0 and r["images_per_s"] > 0 for r in rows)
+
+
+def test_wan_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
+    r = load("bench_gpu_wan").main(["--tiny", "--json", str(tmp_path / "r.json")])
+    assert r["latent"] == [16, 3, 4, 4] and r["videos_per_epoch"] == 2 and r["trained_micro_batches"] == 6
+    assert r["s_per_video"] > 0 and r["floor_s_per_video"] > 0 and r["ratio"] > 0
+    assert (tmp_path / "r.json").is_file()
+
+
+def test_wan_gpu_benchmark_builds_the_wan21_1_3b_config():
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    bench = load("bench_gpu_wan")
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**bench.WAN21_1_3B)
+        vae = AutoencoderKLWan()
+    assert 1.40e9 < sum(p.numel() for p in transformer.parameters()) < 1.45e9
+    assert transformer.config.text_dim == bench.WAN_TEXT["dim"] and vae.config.z_dim == 16
+    assert (vae.config.scale_factor_spatial, vae.config.scale_factor_temporal) == (8, 4)
