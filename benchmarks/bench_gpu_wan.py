@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import statistics
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu_sd35 import count_flops  # noqa: E402
+from bench_gpu_sd35 import count_flops, pick_device  # noqa: E402
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json (the VAE is AutoencoderKLWan's defaults)
 WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -218,15 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.group_size, args.steps, args.lora_rank, args.lora_alpha = 2, 3, 4, 8
         args.timestep_fraction = 1.0
-    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
-    if device.type != "cuda" and not args.tiny:
-        raise SystemExit("no CUDA device: this benchmark is for a GPU machine (use --tiny for a CPU smoke run)")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
+    device = pick_device(args.device, args.tiny)
     try:
         r = run(args, device)
     except torch.cuda.OutOfMemoryError:

@@ -28,3 +28,17 @@ def tiny_pipeline(tmp_path_factory):
         return built
 
     return get
+
+
+@pytest.fixture(scope="module")
+def quiet_diffusers():
+    """diffusers' and transformers' progress bars and warnings off (tiny random pipelines warn a lot)."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)

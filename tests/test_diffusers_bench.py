@@ -1,7 +1,6 @@
 """The diffusers benchmarks run (tiny sizes on CPU): the same code paths a GPU run takes."""
 
 import importlib.util
-import logging
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,7 @@ def load(name):
     return mod
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):

@@ -3,8 +3,6 @@ FLUX.1-Kontext, Qwen-Image and Qwen-Image-Edit, FLUX.2 dev and klein, Z-Image, S
 pipelines: parity with the pipelines' own samplers, LoRA saved in diffusers' format and reloaded
 by plain diffusers, conditioning images reaching the backbone, and bad input."""
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -29,14 +27,7 @@ PROMPTS = ["a red cube", "two blue balls"]
 PARITY_RTOL = 1e-5  # as for the first four families: fp32 on CPU, the same operations in another order
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 def load(tiny_pipeline, arch):

@@ -3,17 +3,14 @@
 generates what the merged ``final/`` pipeline generates, and differs from the base."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-import diffusers  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from diffalign.core.sampling import seeded_noise  # noqa: E402
@@ -26,17 +23,9 @@ from pipeline_reference import REFERENCE  # noqa: E402
 
 FAMILIES = ["wan", "wan_i2v", "hunyuan_video", "cogvideox", "flux_kontext", "qwen_image", "flux2", "flux2_klein",
             "z_image", "sana"]
-CONDITIONED = {"wan_i2v", "flux_kontext", "qwen_image_edit"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 def prompt_file(directory, model):
