@@ -98,7 +98,8 @@ def register(app: typer.Typer) -> None:
         model: List[str] = typer.Option(..., "--model", help="LABEL=NAME_OR_DIR (short name or model directory); "
                                                              "repeat for each model."),
         out: Path = typer.Option(..., help="Output directory: eval.json and images_<label>.png grids."),
-        prompts: Optional[Path] = typer.Option(None, help="File with one prompt per line ('#' comments)."),
+        prompts: Optional[Path] = typer.Option(None, help="File with one prompt per line ('#' comments), or JSONL "
+                                               'lines {"prompt": ..., "image": PATH} for image-conditioned models.'),
         split: Optional[str] = typer.Option(None, help="Sample shapes-world prompts from this split: heldout or "
                                                        "train (default heldout when --prompts is not given)."),
         num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Prompts drawn from --split (default "
