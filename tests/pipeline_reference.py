@@ -48,7 +48,7 @@ def hunyuan_video(model, directory, prompts, noise, g, steps):
                                    max_sequence_length=model.max_sequence_length, **kw).frames
 
 
-REFERENCE = {"wan": wan, "wan_i2v": wan, "hunyuan_video": hunyuan_video}
+REFERENCE = {"wan": wan, "wan_i2v": wan, "wan22_ti2v": wan, "hunyuan_video": hunyuan_video}
 
 
 def cogvideox(model, directory, prompts, noise, g, steps):

@@ -20,7 +20,7 @@ from diffalign.models.diffusers_adapter import AdapterOptions, DiffusersDenoiser
 from diffalign.runtime.lora import apply_lora, lora_targets  # noqa: E402
 from pipeline_reference import REFERENCE  # noqa: E402
 
-VIDEO = ["wan", "wan_i2v", "hunyuan_video", "cogvideox"]
+VIDEO = ["wan", "wan_i2v", "wan22_ti2v", "hunyuan_video", "cogvideox"]
 IMAGE = ["flux_kontext", "qwen_image", "qwen_image_edit", "flux2", "flux2_klein", "z_image", "sana"]
 ARCHS = VIDEO + IMAGE
 PROMPTS = ["a red cube", "two blue balls"]

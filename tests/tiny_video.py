@@ -26,9 +26,11 @@ def wan_vae():
                             temperal_downsample=[False, True, True])
 
 
-def build_wan(path, *, seed: int = 0, options: dict | None = None, size: str = "tiny", i2v: bool = False) -> Path:
+def build_wan(path, *, seed: int = 0, options: dict | None = None, size: str = "tiny", i2v: bool = False,
+              expand_timesteps: bool = False) -> Path:
     """Wan 2.1: UMT5 text, a video DiT with patch (1, 2, 2), the published UniPC flow scheduler
-    (``flow_shift`` 3). ``i2v``: 36 input channels and a CLIP vision encoder (image-to-video)."""
+    (``flow_shift`` 3). ``i2v``: 36 input channels and a CLIP vision encoder (image-to-video).
+    ``expand_timesteps``: Wan 2.2 TI2V-5B's text-to-video mode (a timestep per latent token)."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -44,7 +46,7 @@ def build_wan(path, *, seed: int = 0, options: dict | None = None, size: str = "
     parts = dict(tokenizer=tok, text_encoder=t5_encoder(tok, umt5=True), vae=wan_vae(), transformer=transformer,
                  scheduler=sched)
     if not i2v:
-        return _save(WanPipeline(**parts), path, options, size)
+        return _save(WanPipeline(expand_timesteps=expand_timesteps, **parts), path, options, size)
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
@@ -58,7 +60,11 @@ def build_wan_i2v(path, **kw) -> Path:
     return build_wan(path, i2v=True, **kw)
 
 
-VIDEO_BUILDERS = {"wan": build_wan, "wan_i2v": build_wan_i2v}
+def build_wan22_ti2v(path, **kw) -> Path:
+    return build_wan(path, expand_timesteps=True, **kw)
+
+
+VIDEO_BUILDERS = {"wan": build_wan, "wan_i2v": build_wan_i2v, "wan22_ti2v": build_wan22_ti2v}
 
 
 def build_hunyuan_video(path, *, seed: int = 0, options: dict | None = None, size: str = "tiny") -> Path:
