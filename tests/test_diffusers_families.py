@@ -150,3 +150,28 @@ def test_unsupported_video_variants_are_refused_with_a_reason(tiny_pipeline):
     assert v.is_video and v.sample_shape == (4, 3, 4, 4) and v.fps == 8.0
     videos = v.decode(seeded_noise(v.sample_shape, [0]))
     assert videos.shape == (1, 9, 3, 32, 32) and 0 <= videos.min() and videos.max() <= 1
+
+
+def test_schedules_and_defaults_of_the_wave2_families(tiny_pipeline, tmp_path):
+    from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu as diffusers_mu
+
+    from diffalign.models.diffusers_families.flux2 import compute_empirical_mu
+    from tiny_image import build_flux2_klein
+
+    for seq, steps in [(64, 4), (4096, 28), (4096, 50), (6000, 50)]:
+        assert compute_empirical_mu(seq, steps) == pytest.approx(diffusers_mu(seq, steps))
+    flux2 = load_model(tiny_pipeline("flux2"))  # mu resolved for diffalign.json's num_steps (4)
+    assert flux2.mu == pytest.approx(diffusers_mu(64, 4)) and flux2.guidance == 4.0
+    assert flux2.sampling_defaults["guidance_scale"] == 1.0
+    distilled = load_model(build_flux2_klein(tmp_path / "klein", distilled=True, options={"num_steps": None}))
+    assert distilled.sampling_defaults["num_steps"] == 4 and distilled.sampling_defaults["guidance_scale"] == 1.0
+    with pytest.raises(ValueError, match="step-distilled and samples without classifier-free guidance"):
+        DiffusersDenoiser.from_pretrained(tmp_path / "klein", guidance_scale=4.0)
+    qwen = load_model(tiny_pipeline("qwen_image"))  # the stretched terminal sigma
+    assert qwen.schedule.shift_terminal == 0.02 and qwen.schedule.timesteps(10)[-2].item() == pytest.approx(0.02)
+    cog = load_model(tiny_pipeline("cogvideox"))
+    assert cog.prediction_type == "v_prediction" and cog.schedule.zero_terminal_snr
+    assert cog.schedule.alpha_sigma(torch.tensor(1.0))[0].item() == 0.0  # pure noise at t = 1
+    assert cog.sampling_defaults == {"sampler": "ddim", "num_steps": 50, "guidance_scale": 6.0, "eta": 0.0}
+    z = load_model(tiny_pipeline("z_image"))
+    assert torch.equal(z._timestep(torch.tensor([1.0, 0.25])), torch.tensor([0.0, 0.75]))
