@@ -11,7 +11,7 @@ configs by tests/tiny_pipelines.py; nothing is downloaded):
   once, untimed; the output unpacked and guided). Target <= 1.15.
 
 Both arms alternate in one process; medians over ``--repeats``. Run:
-``OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_diffusers.py``.
+``make bench-diffusers`` (or ``OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_diffusers.py``).
 """
 
 from __future__ import annotations
