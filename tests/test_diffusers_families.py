@@ -175,3 +175,27 @@ def test_schedules_and_defaults_of_the_wave2_families(tiny_pipeline, tmp_path):
     assert cog.sampling_defaults == {"sampler": "ddim", "num_steps": 50, "guidance_scale": 6.0, "eta": 0.0}
     z = load_model(tiny_pipeline("z_image"))
     assert torch.equal(z._timestep(torch.tensor([1.0, 0.25])), torch.tensor([0.0, 0.75]))
+
+
+def test_qwen_images_guidance_rule_is_used_through_wrappers(tiny_pipeline):
+    from diffalign.algorithms.forward_process import OldPolicy
+    from diffalign.core.parametrization import cfg, guidance_rule
+
+    model = load_model(tiny_pipeline("qwen_image"))
+    c, u = torch.randn(2, *model.sample_shape), torch.randn(2, *model.sample_shape)
+    renormed = model.combine_guidance(c, u, 4.0)
+    # per packed token, the guided prediction has the conditional one's norm (and differs from plain CFG)
+    assert torch.allclose(model.pack(renormed).norm(dim=-1), model.pack(c).norm(dim=-1), atol=1e-5)
+    assert (renormed - cfg(c, u, 4.0)).abs().max() > 1e-3
+    peft_model = apply_lora(model, 2, 2, lora_targets(model))
+
+    class DDPLike(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    old = OldPolicy()
+    old.update(peft_model, 0.0)
+    for wrapped in (peft_model, DDPLike(peft_model), old.bind(peft_model)):
+        assert torch.equal(guidance_rule(wrapped)(c, u, 4.0), renormed)
+    assert guidance_rule(load_model(tiny_pipeline("wan"))) is cfg

@@ -182,8 +182,13 @@ class OldPolicy:
         return functional_call(_unwrap(model), self.params, args, strict=False)
 
     def bind(self, model: Any) -> Callable:
-        """The old policy as a denoiser ``f(x_t, t, cond)`` (for sampling and CFG)."""
-        return lambda x_t, t, cond: self(model, x_t, t, cond)
+        """The old policy as a denoiser ``f(x_t, t, cond)`` (for sampling and CFG, which it combines
+        as its model does: ``guidance_rule``)."""
+        def old(x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+            return self(model, x_t, t, cond)
+
+        old.combine_guidance = guidance_rule(model)
+        return old
 
 
 class _OldPolicyModel(torch.nn.Module):
