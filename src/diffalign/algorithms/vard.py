@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import check_positive, check_range
+from ..config import check_choice, check_positive, check_range
 from ..rewards.learned import hash_text
 from ._policy_gradient import MicroBatch, OnlinePolicyGradient, PolicyGradientConfig
 from ._rollout import Batch, group_advantages
@@ -43,9 +43,10 @@ class VARDConfig(PolicyGradientConfig):
     value_weight: float = 1.0  # scale of -V in the policy loss
     value_lr: float = 1e-3  # Adam learning rate of phi
     value_steps: int = 20  # value regression steps per epoch
-    value_batch: int = 256  # latents per value step
-    value_hidden: int = 64  # channels of the value network
+    value_batch: int = 128  # latents per value step
+    value_hidden: int = 32  # channels of the value network
     value_warmup_epochs: int = 2  # epochs in which only the value function trains
+    value_target: str = "advantage"  # what V regresses on: advantage (reward normalised in its group) | reward
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +56,7 @@ class VARDConfig(PolicyGradientConfig):
         for name in ("value_steps", "value_batch", "value_hidden"):
             check_positive(name, getattr(self, name), integer=True)
         check_range("value_warmup_epochs", self.value_warmup_epochs, 0, None, integer=True)
+        check_choice("value_target", self.value_target, ["advantage", "reward"])
         if self.loss != "ppo":
             raise ValueError(f"loss={self.loss!r} does not apply to vard: the policy ascends the value function; "
                              "leave loss at 'ppo'")
@@ -64,7 +66,7 @@ class ValueNet(nn.Module):
     """``V_phi(x_t, t, c)``: convolutions over the latent and two coordinate maps, FiLM by
     ``[time features, hashed prompt]``, mean- and max-pooled, then an MLP to one value."""
 
-    def __init__(self, channels: int, hidden: int = 64, text_buckets: int = 256, time_features: int = 16):
+    def __init__(self, channels: int, hidden: int = 32, text_buckets: int = 256, time_features: int = 16):
         super().__init__()
         self.text_buckets, self.time_features = text_buckets, time_features
         self.convs = nn.ModuleList([nn.Conv2d(channels + 2, hidden, 3, padding=1),
@@ -138,7 +140,7 @@ class VARD(OnlinePolicyGradient):
                 i, j = pick // T1, pick % T1
                 x = batch.latents[i, j]
                 pred = value(x, batch.t[j].to(x.device).float(), [batch.prompts[k] for k in i.tolist()])
-                loss = F.mse_loss(pred, batch.rewards[i].to(pred.device))
+                loss = F.mse_loss(pred, self.value_targets(batch)[i].to(pred.device))
                 grads = torch.autograd.grad(loss, params)
                 if self.shard.world > 1:  # the mean gradient over processes
                     flat = self.shard.all(torch.cat([g.flatten() for g in grads])[None]).mean(0)
@@ -153,12 +155,15 @@ class VARD(OnlinePolicyGradient):
         with torch.no_grad():  # how much of the final reward the value explains at x_0
             x0 = batch.latents[rows, -1]
             v0 = value(x0, batch.t[-1].float(), [batch.prompts[k] for k in rows.tolist()]).cpu()
-            r = batch.rewards[rows]
+            r = self.value_targets(batch)[rows]
             r2 = 1 - ((v0 - r) ** 2).mean() / r.var(unbiased=False).clamp_min(1e-8) if len(rows) > 1 else 0.0
         return {"value_loss": sum(losses) / max(1, len(losses)), "value_r2_x0": float(r2)}
 
+    def value_targets(self, batch: Batch) -> Tensor:
+        return batch.advantages if self.cfg.value_target == "advantage" else batch.rewards
+
     # -- the Algorithm protocol ---------------------------------------------------------------------
-    def advantages(self, batch: Batch) -> Tensor:  # logged only: the value carries the reward into the loss
+    def advantages(self, batch: Batch) -> Tensor:  # the value's targets (value_target: advantage)
         return group_advantages(batch.rewards, batch.group)
 
     def collect(self, model, prompts: list[str], *, epoch: int, seed: int) -> Batch:
