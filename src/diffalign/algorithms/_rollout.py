@@ -238,6 +238,14 @@ def _own_chunk(model, chunk: slice, own: slice, cond: Any, uncond: Any, noise: T
     return policy, placeholder, None if uncond is None else placeholder, x1, rows
 
 
+def check_whole_groups(reward: Callable, own: slice, group_size: int) -> None:
+    """A group-wise reward must see whole groups: refuse a process share that cuts one."""
+    if getattr(reward, "groupwise", False) and (own.start % group_size or own.stop % group_size):
+        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} scores whole groups, but this process holds "
+                         f"samples {own.start}..{own.stop - 1} of groups of {group_size}; make each process's share "
+                         "of algorithm.batch_size a multiple of group_size")
+
+
 @torch.no_grad()
 def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sampler: str, num_steps: int,
             eta: float | Sequence[float] | None, guidance_scale: float, sde_steps: Collection[int] | None, seed: int,
@@ -256,10 +264,7 @@ def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sam
     group = torch.arange(len(prompts)).repeat_interleave(group_size)
     n = len(all_prompts)
     own = shard.part(n)
-    if getattr(reward, "groupwise", False) and (own.start % group_size or own.stop % group_size):
-        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} scores whole groups, but this process holds "
-                         f"samples {own.start}..{own.stop - 1} of groups of {group_size}; make each process's share "
-                         "of algorithm.batch_size a multiple of group_size")
+    check_whole_groups(reward, own, group_size)
     device = next(model.parameters()).device
     cond = model.encode_prompts(all_prompts[own])
     uncond = model.encode_prompts(negative_prompts(all_prompts[own])) if guidance_scale != 1.0 else None

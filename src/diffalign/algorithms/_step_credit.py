@@ -29,7 +29,7 @@ from torch import Tensor
 from ..core.parametrization import cond_index
 from ..core.sampling import seeded_noise
 from ..core.steps import ODE_COUNTERPART
-from ._rollout import Batch, Shard, group_advantages, safe_reward, sample_rows
+from ._rollout import Batch, Shard, check_whole_groups, group_advantages, safe_reward, sample_rows
 from .reward_gradient import one_step_x0
 
 INTERMEDIATE_REWARDS = ("ode", "tweedie")
@@ -95,7 +95,7 @@ def latent_rewards(model, batch: Batch, reward: Callable, *, mode: str, sampler:
         else:
             x0 = tweedie_x0(model, x, batch.t[j], batch.cond, batch.uncond, guidance_scale=guidance_scale,
                             batch_size=batch_size)
-        out[:, j], _ = safe_reward(reward, model.decode(x0).float(), batch.prompts)
+        out[:, j], _ = safe_reward(reward, model.decode(x0).float(), batch.prompts, group=batch.group)
         scored += n
     return out, scored
 
@@ -125,6 +125,7 @@ def branch_rollout(model, prompts: list[str], reward: Callable, *, group_size: i
     all_prompts = [p for p in prompts for _ in range(G)]
     group = torch.arange(P).repeat_interleave(G)
     own = shard.part(n)
+    check_whole_groups(reward, own, G)
     own_groups = slice(own.start // G, (own.stop - 1) // G + 1)
     device = next(model.parameters()).device
     cond = model.encode_prompts(all_prompts[own])
@@ -153,7 +154,7 @@ def branch_rollout(model, prompts: list[str], reward: Callable, *, group_size: i
     log_probs = torch.cat([cont_lp.new_zeros(len(cont_lp), k), cont_lp], dim=1)
     sde_mask = torch.cat([torch.zeros(k, dtype=torch.bool), cont_mask])
     images = model.decode(latents[:, -1]).float()
-    rewards, n_failed = safe_reward(reward, images, all_prompts[own])
+    rewards, n_failed = safe_reward(reward, images, all_prompts[own], group=group[own])
     return Batch(prompts=all_prompts[own], group=group[own], cond=cond, uncond=uncond, latents=latents,
                  log_probs=log_probs, t=t, sde_mask=sde_mask, rewards=rewards, advantages=torch.zeros_like(rewards),
                  valid=~torch.isnan(rewards), images=images.cpu(), info={"reward_failed": float(n_failed)},

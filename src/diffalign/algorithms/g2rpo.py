@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..config import check_range
 from ..core.sampling import seeded_noise
-from ._rollout import Batch, safe_reward, sample_rows
+from ._rollout import Batch, check_whole_groups, safe_reward, sample_rows
 from ._step_credit import completion_grid, ode_complete, step_group_advantages
 from .grpo import GRPO, GRPOConfig
 
@@ -79,10 +79,12 @@ class G2RPO(GRPO):
         P, n = len(prompts), len(prompts) * G
         all_prompts = [p for p in prompts for _ in range(G)]
         own = self.shard.part(n)
+        check_whole_groups(self.reward, own, G)
         own_groups = slice(own.start // G, (own.stop - 1) // G + 1)
         device = next(model.parameters()).device
         guided = cfg.guidance_scale != 1.0
         rows = torch.arange(own.start, own.stop)
+        group = torch.arange(P).repeat_interleave(G)
         cond = model.encode_prompts(all_prompts[own])
         uncond = model.encode_prompts([""] * len(rows)) if guided else None
         g_cond = model.encode_prompts(prompts[own_groups])
@@ -107,13 +109,13 @@ class G2RPO(GRPO):
                 grid = completion_grid(t, k + 1, g)
                 x0 = ode_complete(model, x[:, 1], grid, cond, uncond, **kw)
                 decoded = model.decode(x0).float()
-                R[:, k, i], bad = safe_reward(self.reward, decoded, all_prompts[own])
+                R[:, k, i], bad = safe_reward(self.reward, decoded, all_prompts[own], group=group[own])
                 failed, evals = failed + bad, evals + n * (len(grid) - 1)
                 if images is None:
                     images, rewards = decoded.cpu(), R[:, k, i].clone()
         sde_mask = torch.zeros(T, dtype=torch.bool)
         sde_mask[K] = True
-        batch = Batch(prompts=all_prompts[own], group=torch.arange(P).repeat_interleave(G)[own], cond=cond,
+        batch = Batch(prompts=all_prompts[own], group=group[own], cond=cond,
                       uncond=uncond, latents=anchor, log_probs=log_probs, t=t, sde_mask=sde_mask, rewards=rewards,
                       advantages=torch.zeros_like(rewards), valid=~torch.isnan(rewards), images=images,
                       info={"reward_failed": float(failed)}, next_latents=next_latents, step_rewards=R)
