@@ -262,10 +262,12 @@ def test_vard_value_fit_and_policy_loss_through_the_value():
     model = tiny_model()
     algo = build("vard", model, value_steps=30, value_batch=32)
     batch = algo.collect(model, PROMPTS, epoch=0, seed=3)
-    before = ((algo.value(batch.latents[:, -1], torch.zeros(()), batch.prompts) - batch.rewards) ** 2).mean()
+    target = algo.value_targets(batch)
+    torch.testing.assert_close(target, batch.advantages)  # the reward normalised within its group
+    before = ((algo.value(batch.latents[:, -1], torch.zeros(()), batch.prompts) - target) ** 2).mean()
     algo.fit_value(batch, seed=9)
-    after = ((algo.value(batch.latents[:, -1], torch.zeros(()), batch.prompts) - batch.rewards) ** 2).mean()
-    assert after < before  # the value regresses onto the rollouts' rewards
+    after = ((algo.value(batch.latents[:, -1], torch.zeros(()), batch.prompts) - target) ** 2).mean()
+    assert after < 0.8 * before  # the value regresses onto the rollouts' (normalised) rewards
     assert not any(p.requires_grad for p in algo.value.parameters())
 
     class Linear(torch.nn.Module):  # a hand-made value V(x) = sum(w x): its gradient is w
