@@ -235,3 +235,26 @@ def test_two_processes_train_like_one(tiny_dir, tmp_path):
     for (k, v), w in zip(load_model(one).state_dict().items(),
                          load_model(tmp_path / "two" / "final").state_dict().values()):
         torch.testing.assert_close(v, w, atol=1e-5, rtol=1e-4, msg=k)
+
+
+# ----- make bench-efficiency ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_efficiency_counts_the_evaluations_dense_rewards_cost(tiny_dir, tmp_path):
+    """The benchmark on a tiny model (one method per call, merged into one table): DenseGRPO's sampling costs
+    the rollout's evaluations plus its ODE completions, counted by the backbone hook."""
+    root = Path(__file__).resolve().parents[1]
+    common = ["--images", "16", "--eval-every-images", "8", "--eval-prompts", "2", "--threads", "1",
+              "--out", str(tmp_path), "--set", f"model={tiny_dir}", "algorithm.batch_size=8", "algorithm.group_size=4",
+              "algorithm.num_steps=3", "algorithm.guidance_scale=1.0", "algorithm.micro_batch_size=8"]
+    for method in ("flow_grpo", "dense_grpo"):
+        out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_efficiency.py"), "--methods", method,
+                              *common], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "efficiency.json").read_text())
+    grpo, dense = summary["methods"]["flow_grpo"], summary["methods"]["dense_grpo"]
+    assert [c["images"] for c in dense["curve"]] == [0, 8, 16] and "flow_grpo_best" in summary
+    assert grpo["nfe_sample_per_image"] == 3  # 3 steps, no CFG
+    # + the completions of x_{t_0}, x_{t_1}, x_{t_2} on every 2nd grid point: 2 + 1 + 1
+    assert dense["nfe_sample_per_image"] == 3 + 4 and dense["scored_per_image"] == 4
+    assert "NFE/img sample" in out.stdout and "dense_grpo" in out.stdout
