@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from diffalign import algorithms
 from diffalign.algorithms._rollout import Shard
 from diffalign.models import load_model
-from diffalign.runtime.distributed import all_gather_cat
 from diffalign.runtime.lora import Reference
 from diffalign.runtime.prompts import PromptsConfig
 from diffalign.runtime.trainer import TrainConfig, train
@@ -150,28 +148,23 @@ def build_split(method, model, **kw):
 KEYS = ("latents", "log_probs", "rewards", "advantages", "group", "next_latents", "step_rewards")
 
 
-def _collect_worker(rank, world, init_file, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        res = {}
-        for method in METHODS:
-            model = tiny_model("flow")
-            algo = build_split(method, model)
-            algo.shard = Shard(rank, world, gather=all_gather_cat)
-            batches = [algo.collect(model, SPLIT_PROMPTS, epoch=e, seed=11 + e) for e in range(2)]
-            res[method] = {"batch": [{k: getattr(b, k) for k in KEYS} for b in batches],
-                           "state": algo.state_dict() if hasattr(algo, "state_dict") else None}
-        torch.save(res, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _collect_work(shard):
+    res = {}
+    for method in METHODS:
+        model = tiny_model("flow")
+        algo = build_split(method, model)
+        algo.shard = shard
+        batches = [algo.collect(model, SPLIT_PROMPTS, epoch=e, seed=11 + e) for e in range(2)]
+        res[method] = {"batch": [{k: getattr(b, k) for k in KEYS} for b in batches],
+                       "state": algo.state_dict() if hasattr(algo, "state_dict") else None}
+    return res
 
 
 @pytest.fixture(scope="module")
 def split_collect(tmp_path_factory):
-    d = tmp_path_factory.mktemp("split")
-    torch.multiprocessing.spawn(_collect_worker, args=(2, str(d / "rdzv"), str(d)), nprocs=2)
-    return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    from test_distributed import spawn_collect
+
+    return spawn_collect(tmp_path_factory.mktemp("split"), _collect_work)
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..config import check_choice, check_positive, check_range
 from ..rewards.learned import hash_text
+from ._aux_net import AuxNet
 from ._policy_gradient import MicroBatch, OnlinePolicyGradient, PolicyGradientConfig
 from ._rollout import Batch, group_advantages
 
@@ -104,10 +105,16 @@ class VARD(OnlinePolicyGradient):
             raise ValueError("vard regularises with the KL to the pretrained model: it needs a reference model "
                              "(beta > 0)")
         super().__init__(cfg, **kw)
-        self.value: ValueNet | None = None
-        self.value_opt: torch.optim.Optimizer | None = None
-        self._pending: dict | None = None
+        self.aux = AuxNet(("value", "value_opt"))
         self._epoch = 0
+
+    @property
+    def value(self) -> ValueNet | None:
+        return self.aux.net
+
+    @value.setter
+    def value(self, net: torch.nn.Module) -> None:  # tests put a hand-made value in
+        self.aux.net = net
 
     # -- value function ---------------------------------------------------------------------------
     def _init_value(self, model) -> None:
@@ -116,10 +123,8 @@ class VARD(OnlinePolicyGradient):
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same initial value network on every process and every run
-            self.value = ValueNet(model.sample_shape[0], self.cfg.value_hidden).to(device).requires_grad_(False)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=self.cfg.value_lr)
-        if self._pending is not None:
-            self.load_state_dict(self._pending)
+            net = ValueNet(model.sample_shape[0], self.cfg.value_hidden).to(device).requires_grad_(False)
+        self.aux.build(net, torch.optim.Adam(net.parameters(), lr=self.cfg.value_lr))
 
     def fit_value(self, batch: Batch, seed: int) -> dict[str, float]:
         """``value_steps`` regression steps of ``V_phi`` on every latent of the epoch's own rollouts,
@@ -147,8 +152,8 @@ class VARD(OnlinePolicyGradient):
                     grads = torch.split(flat, [p.numel() for p in params])
                 for p, g in zip(params, grads):
                     p.grad = g.reshape(p.shape)
-                self.value_opt.step()
-                self.value_opt.zero_grad(set_to_none=True)
+                self.aux.opt.step()
+                self.aux.opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
         finally:
             value.requires_grad_(False)
@@ -192,20 +197,10 @@ class VARD(OnlinePolicyGradient):
 
     # -- state (resume) -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self.value is None:
-            return {}
-        return {"value": {k: v.detach().cpu() for k, v in self.value.state_dict().items()},
-                "value_opt": self.value_opt.state_dict()}
+        return self.aux.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if self.value is None:  # built at the first collect, from the model
-            self._pending = state
-            return
-        self.value.load_state_dict(state["value"])
-        self.value_opt.load_state_dict(state["value_opt"])
-        self._pending = None
+        self.aux.load_state_dict(state)
 
 
 PRESETS: dict[str, dict] = {"vard": {}}
