@@ -87,8 +87,8 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> dict:
     t0 = time.time()
     shutil.rmtree(out / method, ignore_errors=True)  # a fresh run each time
     trainer = Trainer(cfg, out / method, progress=False)
-    counter = EvalCounter([backbone(trainer._trainable_module()), *(
-        [backbone(trainer.algorithm.reference.frozen)] if getattr(trainer.algorithm.reference, "frozen", None) else [])])
+    frozen = getattr(trainer.algorithm.reference, "frozen", None)  # a full fine-tune's reference copy
+    counter = EvalCounter([backbone(trainer._trainable_module()), *([backbone(frozen)] if frozen is not None else [])])
     trainer.algorithm.collect = counter.during("sample", trainer.algorithm.collect)
     trainer.evaluate_heldout = counter.during("eval", trainer.evaluate_heldout)
     curve = [{"images": 0, "minutes": 0.0, **trainer.evaluate_heldout()}]  # the base model, same prompts and seeds

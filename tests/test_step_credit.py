@@ -188,7 +188,8 @@ def test_g2rpo_integrates_advantages_over_granularities():
     R = torch.tensor([[[nan, nan], [1.0, 0.0]], [[nan, nan], [3.0, 0.0]],
                       [[nan, nan], [0.0, 2.0]], [[nan, nan], [0.0, 6.0]]])  # [N=4, T=2, granularities=2]
     A = integrated_advantages(R, torch.tensor([0, 0, 0, 0]))
-    # step 1, granularity 1: rewards 1, 3, 0, 0 -> mean 1, std sqrt(1.5); granularity 2: 0, 0, 2, 6 -> mean 2, std sqrt(6)
+    # step 1, granularity 1: rewards 1, 3, 0, 0 -> mean 1, std sqrt(1.5);
+    # granularity 2: 0, 0, 2, 6 -> mean 2, std sqrt(6)
     g1 = (torch.tensor([1.0, 3.0, 0.0, 0.0]) - 1) / (math.sqrt(1.5) + 1e-4)
     g2 = (torch.tensor([0.0, 0.0, 2.0, 6.0]) - 2) / (math.sqrt(6) + 1e-4)
     torch.testing.assert_close(A[:, 1], g1 + g2)

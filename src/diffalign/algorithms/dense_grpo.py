@@ -47,7 +47,7 @@ class IntermediateRewardConfig(GRPOConfig):
     """Flow-GRPO's settings plus how intermediate latents are scored (DenseGRPO, TP-GRPO)."""
 
     beta: float = 0.0  # KL coefficient (the dense methods train without it by default)
-    intermediate_reward: str = "ode"  # R_j of latent x_{t_j}: ode (deterministic completion) | tweedie (one-step x0_hat)
+    intermediate_reward: str = "ode"  # R_j of x_{t_j}: ode (deterministic completion) | tweedie (one-step x0_hat)
     completion_stride: int = 1  # ODE completion on every k-th point of the sampling grid (fewer evaluations)
 
     def __post_init__(self) -> None:
@@ -140,7 +140,8 @@ class DenseGRPO(IntermediateRewardGRPO):
             self.etas = calibrate_eta(self.etas, gains, steps, rate=cfg.calibration_rate,
                                       tolerance=cfg.calibration_tolerance, lo=cfg.eta_min, hi=cfg.eta_max)
             batch.info["eta_min_step"], batch.info["eta_max_step"] = min(self.etas), max(self.etas)
-        batch.info["dense_gain_mean"] = gains[torch.isfinite(gains)].mean().item() if torch.isfinite(gains).any() else 0.0
+        finite = gains[torch.isfinite(gains)]
+        batch.info["dense_gain_mean"] = finite.mean().item() if len(finite) else 0.0
         return step_group_advantages(gains, batch.group, std=cfg.std_normalize)
 
     def state_dict(self) -> dict:

@@ -27,7 +27,8 @@ def efficiency_plot(summary: Mapping[str, Any], *, size=(9.5, 3.8), dpi=110) -> 
     """PNG: held-out accuracy against generated images (left) and against minutes (right), a line per method."""
     fig = Figure(figsize=size, dpi=dpi, layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, x, label in ((axes[0], "images", "generated images"), (axes[1], "minutes", "minutes (sampling + training)")):
+    panels = ((axes[0], "images", "generated images"), (axes[1], "minutes", "minutes (sampling + training)"))
+    for ax, x, label in panels:
         for name, result in summary["methods"].items():
             curve = [c for c in result["curve"] if x in c]
             if curve:
