@@ -357,6 +357,10 @@ def test_every_method_collects_and_recomputes_its_log_probs_on_policy(method):
     ("vard", {"value_steps": 0}, "value_steps must be an integer in (0, inf), got 0"),
     ("vard", {"value_warmup_epochs": -1}, "value_warmup_epochs must be an integer in [0, inf), got -1"),
     ("vard", {"loss": "reinforce"}, "loss='reinforce' does not apply to vard"),
+    ("vard", {"value_target": "return"}, "value_target must be one of ['advantage', 'reward'], got 'return'"),
+    ("vard", {"value_batch": 0}, "value_batch must be an integer in (0, inf), got 0"),
+    ("vard", {"value_hidden": 2.5}, "value_hidden: expected int, got 2.5"),
+    ("dense_grpo", {"calibrate_noise": "yes"}, "calibrate_noise: expected bool, got 'yes'"),
 ])
 def test_bad_step_credit_config(method, overrides, message):
     with pytest.raises(ValueError) as e:
