@@ -128,8 +128,7 @@ def summarise(summary: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="flow_grpo,dance_grpo,diffusion_nft,awm,crd",
-                   help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--images", type=int, default=3200, help="generated images per method")
     p.add_argument("--eval-every-images", type=int, default=640)
     p.add_argument("--eval-prompts", type=int, default=128)
