@@ -367,3 +367,24 @@ def test_bad_step_credit_config(method, overrides, message):
         algorithms.build_config(method, {"group_size": 4, "batch_size": 8, "num_steps": 4, "micro_batch_size": 4,
                                          **SMALL[method], **overrides})
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("sampler", ["flow_sde", "dance_sde", "cps", "ddim"])
+def test_a_noise_level_per_row_equals_each_row_on_its_own(sampler):
+    """Steps take ``eta`` as a tensor ``[B]`` (rows of several steps whose calibrated levels differ)."""
+    from diffalign.core.schedules import FlowSchedule
+    from diffalign.core.steps import get_step
+
+    g = torch.Generator().manual_seed(0)
+    x, out, prev = (torch.randn(3, 3, 4, 4, generator=g) for _ in range(3))
+    t, t_prev = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64), torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    eta = torch.tensor([0.2, 0.5, 0.9])
+    step = get_step(sampler)
+    kw = {"schedule": FlowSchedule(), "prediction_type": "flow"}
+    rows = step(x, out, t, t_prev, eta=eta, prev_sample=prev, **kw)
+    for i in range(3):
+        one = step(x[i:i + 1], out[i:i + 1], t[i], t_prev[i], eta=float(eta[i]), prev_sample=prev[i:i + 1], **kw)
+        torch.testing.assert_close(rows.mean[i:i + 1], one.mean)
+        torch.testing.assert_close(rows.log_prob[i:i + 1], one.log_prob)
+    with pytest.raises(ValueError, match=f"eta for {sampler} must be in"):
+        step(x, out, t, t_prev, eta=torch.tensor([0.2, -0.5, 0.9]), prev_sample=prev, **kw)
