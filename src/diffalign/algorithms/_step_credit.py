@@ -27,12 +27,18 @@ import torch
 from torch import Tensor
 
 from ..core.parametrization import cond_index
+from ..core.prompts import negative_prompts
 from ..core.sampling import seeded_noise
 from ..core.steps import ODE_COUNTERPART
 from ._rollout import Batch, Shard, check_whole_groups, group_advantages, safe_reward, sample_rows
 from .reward_gradient import one_step_x0
 
 INTERMEDIATE_REWARDS = ("ode", "tweedie")
+
+
+def encode(model, prompts: list[str], guided: bool) -> tuple[Any, Any]:
+    """``(cond, uncond)`` of prompts: the unconditional branch (their negative prompts) only when guided."""
+    return model.encode_prompts(prompts), model.encode_prompts(negative_prompts(prompts)) if guided else None
 
 
 def step_group_advantages(values: Tensor, group: Tensor, *, std: bool = True) -> Tensor:
@@ -128,17 +134,14 @@ def branch_rollout(model, prompts: list[str], reward: Callable, *, group_size: i
     check_whole_groups(reward, own, G)
     own_groups = slice(own.start // G, (own.stop - 1) // G + 1)
     device = next(model.parameters()).device
-    cond = model.encode_prompts(all_prompts[own])
-    uncond = model.encode_prompts([""] * (own.stop - own.start)) if guidance_scale != 1.0 else None
+    cond, uncond = encode(model, all_prompts[own], guidance_scale != 1.0)
     noise = seeded_noise(model.sample_shape, [seed + g * G for g in range(own_groups.start, own_groups.stop)], device)
     t = model.schedule.timesteps(num_steps)
     sde = set(range(num_steps)) if sde_steps is None else {int(s) for s in sde_steps}
     etas = [eta] * num_steps if eta is None or isinstance(eta, (int, float)) else list(eta)
     kw = dict(sampler=sampler, guidance_scale=guidance_scale, clip_sample=clip_sample, batch_size=batch_size)
     if k > 0:  # one trunk per group
-        g_prompts = prompts[own_groups]
-        g_cond = model.encode_prompts(g_prompts)
-        g_uncond = model.encode_prompts([""] * len(g_prompts)) if guidance_scale != 1.0 else None
+        g_cond, g_uncond = encode(model, prompts[own_groups], guidance_scale != 1.0)
         trunk, _, _, _ = sample_rows(model, P, own_groups, g_cond, g_uncond, noise,
                                      torch.Generator(device).manual_seed(seed), timesteps=t[:k + 1],
                                      eta=None if etas[0] is None else etas[:k], sde_steps=[s for s in sde if s < k],

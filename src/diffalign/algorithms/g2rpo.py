@@ -29,7 +29,7 @@ from torch import Tensor
 from ..config import check_range
 from ..core.sampling import seeded_noise
 from ._rollout import Batch, check_whole_groups, safe_reward, sample_rows
-from ._step_credit import completion_grid, ode_complete, step_group_advantages
+from ._step_credit import completion_grid, encode, ode_complete, step_group_advantages
 from .grpo import GRPO, GRPOConfig
 
 
@@ -85,10 +85,8 @@ class G2RPO(GRPO):
         guided = cfg.guidance_scale != 1.0
         rows = torch.arange(own.start, own.stop)
         group = torch.arange(P).repeat_interleave(G)
-        cond = model.encode_prompts(all_prompts[own])
-        uncond = model.encode_prompts([""] * len(rows)) if guided else None
-        g_cond = model.encode_prompts(prompts[own_groups])
-        g_uncond = model.encode_prompts([""] * len(prompts[own_groups])) if guided else None
+        cond, uncond = encode(model, all_prompts[own], guided)
+        g_cond, g_uncond = encode(model, prompts[own_groups], guided)
         noise = seeded_noise(model.sample_shape, [seed + g * G for g in range(own_groups.start, own_groups.stop)],
                              device)
         t = model.schedule.timesteps(T)
