@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 WORKERS ?= 2
 
-.PHONY: install test test-fast demo bench bench-sampling bench-search bench-efficiency bench-reward-gradient bench-rewards bench-throughput clean
+.PHONY: install test test-fast demo bench bench-sampling bench-search bench-efficiency bench-reward-gradient bench-rewards bench-diffusers bench-throughput clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-throughput: $(STAMP)
 
 bench-reward-gradient: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_reward_gradient.py
+
+bench-diffusers: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_diffusers.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_video_io.py
 
 bench-rewards: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_rewards.py --tasks

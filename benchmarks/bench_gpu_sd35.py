@@ -166,6 +166,20 @@ def floor_per_image(model, batch, algo_cfg, args, device, sync) -> dict:
             "floor_fwd_bwd_ms_per_image_step": round(fb * 1e3, 2), "floor_s_per_image": round(per_image, 4)}
 
 
+def pick_device(name: str | None, tiny: bool) -> torch.device:
+    """The benchmark's device (CUDA unless ``tiny``), TF32 matmuls on, diffusers' logging quiet."""
+    device = torch.device(name or ("cpu" if tiny or not torch.cuda.is_available() else "cuda"))
+    if device.type != "cuda" and not tiny:
+        raise SystemExit("no CUDA device: this benchmark is for a GPU machine (use --tiny for a CPU smoke run)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # e.g. "modules that should be kept in float32: []" on .to(bf16)
+    return device
+
+
 def run_arm(mode: str, args, device: torch.device) -> dict:
     from diffalign import algorithms
     from diffalign.runtime.lora import Reference, apply_lora, lora_targets, merged_lora
@@ -281,15 +295,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.tiny and args.group_size == 8 and args.prompts == 2:
         args.group_size, args.prompts, args.steps, args.micro_batch, args.epochs = 2, 2, 3, 6, 1
         args.lora_rank, args.lora_alpha = 4, 8
-    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
-    if device.type != "cuda" and not args.tiny:
-        raise SystemExit("no CUDA device: this benchmark is for a GPU machine (use --tiny for a CPU smoke run)")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()  # e.g. "modules that should be kept in float32: []" on .to(bf16)
+    device = pick_device(args.device, args.tiny)
     rows = []
     for mode in args.modes:
         try:

@@ -52,9 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_diffusers import raw_backbone_kwargs  # noqa: E402
 from tiny_pipelines import _finish, build_sd3, clip_text, clip_tokenizer  # noqa: E402
 
 from diffalign.core.parametrization import cond_cat  # noqa: E402
@@ -166,14 +164,15 @@ class Floor:
             cond = cond_cat(cond, self.base.encode_prompts([""] * n))
         b = 2 * n if guided else n
         x, t = torch.randn(b, *shape), torch.rand(b).clamp(0.05, 0.95)
-        if self.diffusers:
-            return x, raw_backbone_kwargs(self.base, x, t, cond)
+        if self.diffusers:  # the backbone's own keyword arguments, as the adapter builds them (untimed)
+            with torch.no_grad():
+                return x, self.base._inputs(x.to(self.base.compute_dtype), t, cond)
         return x, (t, cond)
 
     def call(self, inputs):
         x, kw = inputs
         if self.diffusers:
-            return self.base.backbone(x, return_dict=False, **kw)[0]
+            return self.base.backbone(**kw, return_dict=False)[0]
         return self.base(x, *kw)
 
     def __call__(self) -> tuple[float, float]:

@@ -147,30 +147,38 @@ def cmd_has(cmd, flag, value):
 
 # ----- a group split over two processes (torch.multiprocessing, gloo) ------------------------------
 
-def _collect_worker(rank, world, init_file, out):
+def _gloo_worker(rank, world, init_file, out, work):
+    """One of ``world`` gloo processes: ``work(shard)`` with this process's ``Shard``, saved as ``rank{rank}.pt``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        shard = Shard(rank, world, gather=all_gather_cat)
-        res = {}
-        for method, kind in (("flow_grpo", "flow"), ("ddpo", "epsilon")):
-            algo = build(method, **({"stat_min_count": 4} if method == "ddpo" else {}))
-            algo.shard = shard
-            model = tiny_model(kind)
-            batches = [algo.collect(model, PROMPTS, epoch=e, seed=11 + e) for e in range(2)]
-            keys = ("latents", "log_probs", "rewards", "advantages", "group")
-            res[method] = {"batch": [{k: getattr(b, k) for k in keys} for b in batches], "info": batches[-1].info,
-                           "state": algo.state_dict() if hasattr(algo, "state_dict") else None}
-        torch.save(res, Path(out) / f"rank{rank}.pt")
+        torch.save(work(Shard(rank, world, gather=all_gather_cat)), Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def spawn_collect(directory: Path, work, world: int = 2) -> list:
+    """What ``work(shard)`` (a module-level function) returns on each of ``world`` processes, in rank order."""
+    torch.multiprocessing.spawn(_gloo_worker, args=(world, str(directory / "rdzv"), str(directory), work), nprocs=world)
+    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _collect_work(shard):
+    res = {}
+    for method, kind in (("flow_grpo", "flow"), ("ddpo", "epsilon")):
+        algo = build(method, **({"stat_min_count": 4} if method == "ddpo" else {}))
+        algo.shard = shard
+        model = tiny_model(kind)
+        batches = [algo.collect(model, PROMPTS, epoch=e, seed=11 + e) for e in range(2)]
+        keys = ("latents", "log_probs", "rewards", "advantages", "group")
+        res[method] = {"batch": [{k: getattr(b, k) for k in keys} for b in batches], "info": batches[-1].info,
+                       "state": algo.state_dict() if hasattr(algo, "state_dict") else None}
+    return res
+
+
 @pytest.fixture(scope="module")
 def split_collect(tmp_path_factory):
-    d = tmp_path_factory.mktemp("split")
-    torch.multiprocessing.spawn(_collect_worker, args=(2, str(d / "rdzv"), str(d)), nprocs=2)
-    return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return spawn_collect(tmp_path_factory.mktemp("split"), _collect_work)
 
 
 def one_process_advantages(algo, rewards: torch.Tensor) -> torch.Tensor:

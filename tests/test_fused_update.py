@@ -67,17 +67,19 @@ def take_grads(model):
 
 def per_step_gradient(algo, model, batch, chunk, steps):
     """The update of one optimiser step as accumulated before fusion: one call per timestep with a
-    scalar ``t``, each timestep's loss a mean over the chunk, averaged over the timesteps."""
+    scalar ``t`` (and that step's noise level, stored next sample and advantages: step-level credit),
+    each timestep's loss a mean over the chunk, averaged over the timesteps."""
     cfg, sched, ptype = algo.cfg, model.schedule, model.prediction_type
     stats = {"clip_frac": 0.0, "kl": 0.0}
     for j in steps:
-        x_t, x_prev = batch.latents[chunk, j], batch.latents[chunk, j + 1]
+        x_t, x_prev = batch.transition(chunk, j)
         t, t_prev = batch.t[j], batch.t[j + 1]
         tb = t.float().expand(len(chunk))
         cond, uncond = cond_index(batch.cond, chunk), cond_index(batch.uncond, chunk)
-        kw = {"eta": cfg.eta, "prev_sample": x_prev, "schedule": sched, "prediction_type": ptype, **algo.step_kw}
+        kw = {"eta": batch.step_eta(j, cfg.eta), "prev_sample": x_prev, "schedule": sched, "prediction_type": ptype,
+              **algo.step_kw}
         step = algo.step_fn(x_t, guided_prediction(model, x_t, tb, cond, uncond, cfg.guidance_scale), t, t_prev, **kw)
-        adv = batch.advantages[chunk]
+        adv = batch.advantage(chunk, j)
         if cfg.loss == "ppo":
             loss, s = ppo_loss(step.log_prob, batch.log_probs[chunk, j], adv, cfg.clip_range)
             stats["clip_frac"] += float(s["clip_frac"]) / len(steps)
@@ -152,6 +154,37 @@ def test_fused_rows_give_the_per_timestep_gradient(method, kind, kw, lora):
             assert len(first) == n_steps and all(len(set(m.steps.tolist())) == 1 for m in first)
         else:
             assert len({len(m.idx) for m in first}) == 2  # uneven: the micro-batch weights keep it exact
+
+
+# step-level credit (algorithms/_step_credit.py): per-step advantages [N, T], per-step noise levels
+# (DenseGRPO's calibrated a_j) and stored branch samples (G2RPO) reach every fused row
+CREDIT = [("dense_grpo", {"beta": 0.04, "clip_range": 1e-2, "intermediate_reward": "tweedie"}),
+          ("g2rpo", {"clip_range": 1e-2, "branch_window": [0, 3], "branches_per_epoch": 3, "granularities": [1, 2]})]
+
+
+@pytest.mark.parametrize("method,kw", CREDIT, ids=[c[0] for c in CREDIT])
+def test_fused_rows_carry_step_level_credit(method, kw):
+    model, cfg, reference = setup(method, "flow", **kw)
+    algo = algorithms.get(method)[1](cfg, reward=brightness, reference=reference)
+    if method == "dense_grpo":
+        algo.etas = [0.5, 0.9, 0.3, 1.2]  # as if calibrated: a different noise level at every step
+    batch = algo.collect(model, PROMPTS, epoch=0, seed=3)
+    assert batch.advantages.shape == (8, 4)
+    if method == "dense_grpo":
+        assert batch.eta.tolist() == pytest.approx([0.5, 0.9, 0.3, 1.2])
+    else:
+        assert batch.next_latents is not None
+    perturb(model)
+    model.train()
+    n_steps = len(algo.train_steps(batch, torch.Generator()))
+    n_rows = (len(batch) // cfg.steps_per_epoch) * n_steps
+    algo.cfg.micro_batch_size = n_rows  # one fused pass over every step of the chunk
+    first = next(iter(algo.minibatches(batch, torch.Generator().manual_seed(0))))
+    assert len(first) == 1 and len(first[0].steps.unique()) == n_steps > 1
+    chunk = first[0].idx.unique()
+    want, _ = per_step_gradient(algo, model, batch, chunk, sorted(set(first[0].steps.tolist())))
+    got, _ = fused_gradient(algo, model, first)
+    assert_same_gradients(got, want)
 
 
 @pytest.mark.parametrize("sampler,schedule,ptype", [("ddim", VPSchedule("squaredcos_cap_v2"), "epsilon"),

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_index, guided_prediction
-from ..core.steps import SAMPLERS, get_step
+from ..core.steps import SAMPLERS, StepOutput, get_step
 from ._rollout import Batch, Shard, check_group_batching, gathered, reward_stats, rollout
 
 
@@ -68,6 +68,21 @@ class PolicyGradientConfig:
     @property
     def prompts_per_epoch(self) -> int:
         return self.batch_size // self.group_size
+
+
+@dataclass
+class Rescored:
+    """Stored transitions ``x_t -> x_prev`` of some rows ``(sample, step)`` and the policy's steps there."""
+
+    step: StepOutput | None
+    x_t: Tensor
+    x_prev: Tensor
+    t: Tensor  # [m] float64: each row's t_j
+    t_prev: Tensor  # [m] t_{j+1}
+    t_batch: Tensor  # [m] float32 times, the model's input
+    cond: Any
+    uncond: Any
+    eta: float | Tensor  # the sampler's noise level: one for every row, or [m] per row (per-step levels)
 
 
 @dataclass
@@ -133,19 +148,27 @@ class OnlinePolicyGradient:
         return None
 
     def advantages(self, batch: Batch) -> Tensor:
+        """Advantages of the gathered batch: ``[N]`` (one per trajectory) or ``[N, T]`` (one per step)."""
         raise NotImplementedError
+
+    def sample_batch(self, model, prompts: list[str], *, epoch: int, seed: int) -> Batch:
+        """This process's rollouts of the epoch (methods that branch or score intermediate latents
+        override it)."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(seed)
+        return rollout(model, prompts, self.reward, group_size=cfg.group_size, sampler=cfg.sampler,
+                       num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
+                       sde_steps=self.sde_steps(epoch, gen), seed=seed, batch_size=cfg.sample_batch_size,
+                       shard=self.shard, **self.step_kw)
 
     # -- the Algorithm protocol ---------------------------------------------------------------
     def collect(self, model, prompts: list[str], *, epoch: int, seed: int) -> Batch:
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(seed)
-        batch = rollout(model, prompts, self.reward, group_size=cfg.group_size, sampler=cfg.sampler,
-                        num_steps=cfg.num_steps, eta=cfg.eta, guidance_scale=cfg.guidance_scale,
-                        sde_steps=self.sde_steps(epoch, gen), seed=seed, batch_size=cfg.sample_batch_size,
-                        shard=self.shard, **self.step_kw)
+        batch = self.sample_batch(model, prompts, epoch=epoch, seed=seed)
         full = gathered(batch, prompts, self.shard)  # every process computes the same statistics
-        adv = self.advantages(full)
-        adv = torch.where(full.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        adv = self.advantages(full)  # [N], or [N, T] for step-level credit
+        valid = full.valid if adv.ndim == 1 else full.valid[:, None]
+        adv = torch.where(valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         batch.advantages = adv[self.shard.part(len(full))]
         batch.info.update(full.info)
         batch.info.update(reward_stats(full))
@@ -180,7 +203,7 @@ class OnlinePolicyGradient:
             yield [self._own_part(batch, idx[p], step[p], own, weight=len(p) * len(parts) / len(idx))
                    for p in parts]
 
-    def _own_part(self, batch: Batch, idx: Tensor, steps: Tensor, own: slice, weight: float) -> MicroBatch:
+    def _own_part(self, batch: Batch, idx: Tensor, steps: Tensor, own: slice, weight: float = 1.0) -> MicroBatch:
         """This process's part of the one-process micro-batch of rows ``(idx, steps)`` (global sample
         indices). Every process runs every micro-batch, so a process that holds none of its rows
         runs one row of its own with ``share`` 0 (data-parallel training needs the same backward
@@ -192,34 +215,54 @@ class OnlinePolicyGradient:
             return MicroBatch(batch, idx.new_zeros(1), steps[:1], share=0.0, weight=weight)
         return MicroBatch(batch, idx[mine] - own.start, steps[mine], share=int(mine.sum()) / len(idx), weight=weight)
 
-    def loss(self, model, micro: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """The mean loss of the micro-batch's rows (times ``micro.weight``); statistics are detached
-        0-d tensors."""
+    def rescore(self, model, micro: MicroBatch) -> Rescored:
+        """The current policy's Gaussian steps at the micro-batch's stored transitions, one row per
+        ``(sample, step)``: each row its own ``t_j``, ``t_{j+1}`` and noise level."""
         cfg, batch, idx, j = self.cfg, micro.batch, micro.idx, micro.steps
-        x_t, x_prev = batch.latents[idx, j], batch.latents[idx, j + 1]
+        x_t, x_prev = batch.transition(idx, j)
         t, t_prev = batch.t[j].to(x_t.device), batch.t[j + 1].to(x_t.device)  # [m] float64: one t per row
         t_batch = t.float()
         cond = cond_index(batch.cond, idx)
         uncond = None if batch.uncond is None else cond_index(batch.uncond, idx)
-        kw = {"eta": cfg.eta, "prev_sample": x_prev, "schedule": model_schedule(model),
-              "prediction_type": model_prediction_type(model), **self.step_kw}
-        out = guided_prediction(model, x_t, t_batch, cond, uncond, cfg.guidance_scale)
-        step = self.step_fn(x_t, out, t, t_prev, **kw)
-        adv = batch.advantages[idx].to(step.log_prob.device)  # per-step advantages [N, T]: advantages[idx, j]
+        r = Rescored(None, x_t, x_prev, t, t_prev, t_batch, cond, uncond, batch.step_eta(j, cfg.eta))
+        r.step = self._step(model, r, guided_prediction(model, x_t, t_batch, cond, uncond, cfg.guidance_scale))
+        return r
+
+    def reference_step(self, model, r: Rescored) -> StepOutput:
+        """The reference model's Gaussian steps at the same transitions (no gradient)."""
+        with torch.no_grad():
+            out = self.reference(lambda m: guided_prediction(m, r.x_t, r.t_batch, r.cond, r.uncond,
+                                                             self.cfg.guidance_scale))
+            return self._step(model, r, out)
+
+    def _step(self, model, r: Rescored, out: Tensor) -> StepOutput:
+        eta = r.eta.to(r.t.device) if isinstance(r.eta, Tensor) else r.eta
+        return self.step_fn(r.x_t, out, r.t, r.t_prev, eta=eta, prev_sample=r.x_prev, schedule=model_schedule(model),
+                            prediction_type=model_prediction_type(model), **self.step_kw)
+
+    def loss(self, model, micro: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The mean loss of the micro-batch's rows (times ``micro.weight``); statistics are detached
+        0-d tensors."""
+        cfg, batch, idx, j = self.cfg, micro.batch, micro.idx, micro.steps
+        r = self.rescore(model, micro)
+        step = r.step
+        adv = batch.advantage(idx, j).to(step.log_prob.device)
         if cfg.loss == "ppo":
             loss, stats = ppo_loss(step.log_prob, batch.log_probs[idx, j].to(step.log_prob.device), adv, cfg.clip_range)
         else:
             loss, stats = reinforce_loss(step.log_prob, adv), {}
         stats["policy_loss"] = loss.detach()
-        if cfg.beta > 0:
-            with torch.no_grad():
-                out_ref = self.reference(lambda m: guided_prediction(m, x_t, t_batch, cond, uncond, cfg.guidance_scale))
-                ref = self.step_fn(x_t, out_ref, t, t_prev, **kw)
-            kl = gaussian_kl(step.mean, ref.mean, step.std).mean()
-            loss = loss + cfg.beta * kl
-            stats["kl"] = kl.detach()
+        loss = self.add_kl(model, r, loss, stats)
         stats["loss"] = loss.detach()
         return loss * micro.weight, stats
+
+    def add_kl(self, model, r: Rescored, loss: Tensor, stats: dict[str, Tensor]) -> Tensor:
+        """``loss + beta KL(p_theta || p_ref)`` at the rescored rows (``loss`` itself when ``beta = 0``)."""
+        if self.cfg.beta == 0:
+            return loss
+        kl = gaussian_kl(r.step.mean, self.reference_step(model, r).mean, r.step.std).mean()
+        stats["kl"] = kl.detach()
+        return loss + self.cfg.beta * kl
 
 
 def _unwrap(model: Any) -> Any:

@@ -48,14 +48,15 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..config import check_choice, check_positive, check_range
-from ..core.parametrization import cfg as cfg_combine
 from ..core.parametrization import (
     cond_cat,
     cond_index,
     from_x0_eps,
+    guidance_rule,
     guided_prediction,
     to_x0_eps,
 )
+from ..core.prompts import negative_prompts
 from ..core.steps import SAMPLERS
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import (
@@ -181,8 +182,13 @@ class OldPolicy:
         return functional_call(_unwrap(model), self.params, args, strict=False)
 
     def bind(self, model: Any) -> Callable:
-        """The old policy as a denoiser ``f(x_t, t, cond)`` (for sampling and CFG)."""
-        return lambda x_t, t, cond: self(model, x_t, t, cond)
+        """The old policy as a denoiser ``f(x_t, t, cond)`` (for sampling and CFG, which it combines
+        as its model does: ``guidance_rule``)."""
+        def old(x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+            return self(model, x_t, t, cond)
+
+        old.combine_guidance = guidance_rule(model)
+        return old
 
 
 class _OldPolicyModel(torch.nn.Module):
@@ -221,7 +227,7 @@ def finish_batch(batch: Batch, model, cfg: ForwardProcessConfig) -> Batch:
     batch.advantages = torch.where(batch.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
     batch.info.update(reward_stats(batch))
     if batch.uncond is None and (cfg.train_guidance_scale != 1.0 or cfg.kl_guidance_scale != 1.0):
-        batch.uncond = model.encode_prompts([""] * len(batch))
+        batch.uncond = model.encode_prompts(negative_prompts(batch.prompts))
     return batch
 
 
@@ -292,7 +298,7 @@ class ForwardProcessRL:
         if not detach_uncond:
             return guided_prediction(fn, x_t, t, cond, uncond, scale)
         c, u = fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(cond, uncond)).chunk(2)
-        return cfg_combine(c, u.detach(), scale)
+        return guidance_rule(fn)(c, u.detach(), scale)
 
     def kl_term(self, pred: Tensor, x_t: Tensor, t: Tensor, cond: Any, uncond: Any) -> Tensor:
         """Velocity-space KL surrogate ``||v_theta - v_ref||^2`` against the (guided) reference."""

@@ -55,6 +55,7 @@ from ..core.parametrization import (
     from_x0_eps,
     guided_prediction,
 )
+from ..core.prompts import negative_prompts
 from ..core.steps import SAMPLERS
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import reward_stats, rollout
@@ -325,12 +326,12 @@ class PairedPreference:
         chosen, rejected = self.select(b.rewards, b.group)
         info = {**reward_stats(b), "pairs": float(len(chosen)), "reward_failed": b.info["reward_failed"]}
         return PairBatch(prompts=b.prompts, pixels=to_pixels(b.images), x0=b.latents[:, -1], cond=b.cond,
-                         uncond=self._uncond(model, len(b.prompts)), chosen=chosen, rejected=rejected,
+                         uncond=self._uncond(model, b.prompts), chosen=chosen, rejected=rejected,
                          schedule=model_schedule(model), rewards=b.rewards, info=info)
 
-    def _uncond(self, model, n: int) -> Any:
+    def _uncond(self, model, prompts: list[str]) -> Any:
         needed = self.cfg.train_guidance_scale != 1.0 or self.cfg.uncond_fraction > 0
-        return _unwrap(model).encode_prompts([""] * n) if needed else None
+        return _unwrap(model).encode_prompts(negative_prompts(prompts)) if needed else None
 
     def _load_file(self) -> list:
         if self._file_pairs is None:
@@ -364,7 +365,7 @@ class PairedPreference:
         prompts = [p.prompt for p in pick] * 2
         M = len(pick)
         return PairBatch(prompts=prompts, pixels=pixels.contiguous(), x0=x0, cond=base.encode_prompts(prompts),
-                         uncond=self._uncond(base, 2 * M), chosen=torch.arange(M), rejected=torch.arange(M, 2 * M),
+                         uncond=self._uncond(base, prompts), chosen=torch.arange(M), rejected=torch.arange(M, 2 * M),
                          schedule=base.schedule, info={"pairs": float(M)})
 
     # -- update plan -----------------------------------------------------------------------------

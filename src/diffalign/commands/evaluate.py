@@ -34,13 +34,14 @@ def parse_models(items: List[str]) -> dict[str, str]:
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
-    if not path.is_file():
-        fail(f"prompts file not found: {path}")
-    prompts = [s.strip() for s in path.read_text().splitlines() if s.strip() and not s.strip().startswith("#")]
-    if not prompts:
-        fail(f"prompts file {path} has no prompts (one per line; '#' starts a comment)")
-    return prompts
+    """One prompt per line (or JSONL with conditioning images); blank lines and lines starting with
+    ``#`` are skipped (``runtime.prompts.read_prompt_file``)."""
+    from ..runtime.prompts import read_prompt_file as read
+
+    try:
+        return read(path)
+    except (OSError, ValueError) as e:
+        fail(str(e))
 
 
 def resolve_rewards(specs: List[str]) -> list:
@@ -97,7 +98,8 @@ def register(app: typer.Typer) -> None:
         model: List[str] = typer.Option(..., "--model", help="LABEL=NAME_OR_DIR (short name or model directory); "
                                                              "repeat for each model."),
         out: Path = typer.Option(..., help="Output directory: eval.json and images_<label>.png grids."),
-        prompts: Optional[Path] = typer.Option(None, help="File with one prompt per line ('#' comments)."),
+        prompts: Optional[Path] = typer.Option(None, help="File with one prompt per line ('#' comments), or JSONL "
+                                               'lines {"prompt": ..., "image": PATH} for image-conditioned models.'),
         split: Optional[str] = typer.Option(None, help="Sample shapes-world prompts from this split: heldout or "
                                                        "train (default heldout when --prompts is not given)."),
         num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Prompts drawn from --split (default "

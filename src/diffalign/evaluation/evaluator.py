@@ -18,7 +18,8 @@ from ..core.sampling import generate
 from ..config import atomic_write
 from ..worlds import shapes
 from .features import ENCODER_INPUT, ENCODER_NAME, fid_kid, pooled_pixels, rms_distance, within_prompt_diversity
-from .grid import save_grid
+from .grid import save_frame_strips, save_grid, save_video_grid
+from .video import video_format
 
 RESULT_VERSION = 1
 LABEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -178,11 +179,14 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
         rec: dict[str, Any] = {"sampling": sampling,
                                "scores": {r.name: _score(r, images, flat_prompts, batch_size) for r in rewards},
                                "pooled": pooled_pixels(images), "seconds": time.perf_counter() - start}
-        small = images if images.shape[-2:] == (ENCODER_INPUT,) * 2 else F.interpolate(images, ENCODER_INPUT,
+        frames = images.flatten(0, 1) if images.ndim == 5 else images  # videos: FID / KID over all frames
+        small = frames if frames.shape[-2:] == (ENCODER_INPUT,) * 2 else F.interpolate(frames, ENCODER_INPUT,
                                                                                        mode="area")
         rec["small"] = small
         rec["diversity"] = within_prompt_diversity(images, P, K)
-        rec["verify"] = shapes.verify(images, flat_prompts) if world and images.shape[-2:] == (32, 32) else None
+        rec["verify"] = (shapes.verify(images, flat_prompts) if world and images.ndim == 4
+                         and images.shape[-2:] == (32, 32) else None)
+        rec["fps"] = getattr(model, "fps", None)
         rec["grid_images"] = images[:grid_n].clone()
         per[label] = rec
         del images
@@ -215,9 +219,17 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
         if out_dir is not None and grid_n:
             rows = min(grid_prompts, P)
             marks = [bool(c) for c in rec["verify"].correct[:grid_n]] if shapes_world else None
-            save_grid(rec["grid_images"], out_dir / f"images_{label}.png", K, row_labels=_short(prompts[:rows]),
-                      col_labels=[f"sample {k + 1}" for k in range(K)], marks=marks)
-            entry["grid"] = f"images_{label}.png"
+            labels = {"row_labels": _short(prompts[:rows]), "col_labels": [f"sample {k + 1}" for k in range(K)]}
+            if rec["grid_images"].ndim == 5:  # videos: an animated grid and a strip of frames per sample
+                name = f"images_{label}.{video_format('auto')}"
+                save_video_grid(rec["grid_images"], out_dir / name, K, rec["fps"] or 8.0, **labels)
+                save_frame_strips(rec["grid_images"], out_dir / f"strips_{label}.png",
+                                  row_labels=_short([p for p in prompts[:rows] for _ in range(K)]))
+                entry["strips"] = f"strips_{label}.png"
+            else:
+                name = f"images_{label}.png"
+                save_grid(rec["grid_images"], out_dir / name, K, marks=marks, **labels)
+            entry["grid"] = name
         result_models[label] = entry
 
     return {

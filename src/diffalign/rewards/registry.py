@@ -36,6 +36,10 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "group_winrate": ("group:GroupWinRate", "win rate against the group (Bradley-Terry probabilities of a base reward)"),
     "learned": ("learned:LearnedReward", "a Bradley-Terry reward model trained by `diffalign train-reward`"),
     "remote": ("remote:RemoteReward", "a reward served over HTTP by `diffalign serve-reward`"),
+    "temporal_consistency": ("video:TemporalConsistency", "mean CLIP cosine of consecutive video frames (1 = still)"),
+    "motion_magnitude": ("video:MotionMagnitude", "mean absolute difference of consecutive video frames"),
+    "source_clip": ("video:SourceClip", "CLIP image cosine to the prompt's conditioning image (editing, I2V)"),
+    "source_l2": ("video:SourceL2", "minus the mean squared pixel distance to the conditioning image"),
 }
 _FACTORIES: dict[str, Callable[..., Reward] | str] = {k: v[0] for k, v in _BUILTIN.items()}
 _DESCRIPTIONS: dict[str, str] = {k: v[1] for k, v in _BUILTIN.items()}
@@ -72,10 +76,20 @@ def _resolve(name: str) -> Callable[..., Reward]:
 
 
 def get(name: str, **kwargs: Any) -> Reward:
-    """Build the reward registered as ``name`` with ``kwargs`` (e.g. ``get("clipscore", path=DIR)``)."""
+    """Build the reward registered as ``name`` with ``kwargs`` (e.g. ``get("clipscore", path=DIR)``).
+    ``frames`` (any reward): how an image reward scores videos -- ``"mean"``, ``"min"`` or a frame index."""
     if not isinstance(name, str) or name.strip() not in _FACTORIES:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(names())}")
     name = name.strip()
+    if "frames" in kwargs:
+        from .base import check_frames
+
+        frames = check_frames(kwargs.pop("frames"))
+        reward = get(name, **kwargs)
+        if getattr(reward, "video", False):
+            raise ValueError(f"reward {name!r} scores whole videos; frames={frames!r} applies to image rewards")
+        reward.frames = frames
+        return reward
     factory = _resolve(name)
     try:
         inspect.signature(factory).bind(**kwargs)

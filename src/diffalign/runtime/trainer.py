@@ -44,7 +44,8 @@ class TrainConfig:
     method: str = "flow_grpo"  # see `diffalign.algorithms.names()`
     reward: str = "shapes"  # registry name of the target reward
     reward_kwargs: dict = field(default_factory=dict)  # passed to rewards.get (e.g. path=...)
-    heldout_rewards: list = field(default_factory=list)  # scored on the same samples, never optimised
+    heldout_rewards: list = field(default_factory=list)  # scored on the same samples, never optimised: names,
+    # or {name: ..., **kwargs} (e.g. {name: temporal_consistency, path: DIR}; frames: min for image rewards on video)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     algorithm: dict = field(default_factory=dict)  # method-specific fields (see the method's config class)
     epochs: int = 100
@@ -80,6 +81,10 @@ class TrainConfig:
         check_choice("log_with", self.log_with, ["none", "tensorboard", "wandb"])
         check_range("max_minutes", self.max_minutes, 0, None)
         algorithms.build_config(self.method, self.algorithm)  # validate the method's fields now
+        for i, h in enumerate(self.heldout_rewards):
+            if not (isinstance(h, str) or (isinstance(h, dict) and isinstance(h.get("name"), str))):
+                raise ValueError(f"heldout_rewards[{i}] must be a reward name or a dict with a 'name' and the "
+                                 f"reward's keyword arguments, got {h!r}")
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -153,7 +158,7 @@ class Trainer:
             # only the denoising backbone trains; text encoders (and VAEs) stay frozen, as in every real pipeline
             model.trainable_module().requires_grad_(True)
         self.reward = rewards.get(cfg.reward, **cfg.reward_kwargs)
-        self.heldout = [rewards.get(name) for name in cfg.heldout_rewards]
+        self.heldout = [rewards.get(h) if isinstance(h, str) else rewards.get(**h) for h in cfg.heldout_rewards]
         reference = Reference(model) if self.algo_cfg.beta > 0 else None
         if cfg.compile_backbone:  # in place (names, LoRA, checkpoints unchanged); after the reference's copy
             backbone_of(model).compile()
