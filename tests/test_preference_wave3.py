@@ -256,6 +256,22 @@ def test_ranking_dpo_lists_share_timestep_and_noise_and_reversing_a_pair_reverse
     assert F.cosine_similarity(g, grad(b2), dim=0) < -0.9999
 
 
+@pytest.mark.parametrize("method,kw", [("sdpo", {}), ("ranking_dpo", {"group_size": 4}), ("self_npo", {}),
+                                       ("dense_reward_dpo", {})])
+def test_several_timesteps_per_pair_reach_every_wave3_plan(method, kw):
+    """``timesteps_per_pair: 2`` (docs/algorithms/preference.md) puts every pair / list / sample in the
+    plan twice, each time with its own noise, through the shared ``_micro`` hook or Self-NPO's plan."""
+    model = tiny_model()
+    one, two = (build(method, model, timesteps_per_pair=k, micro_batch_size=64, **kw) for k in (1, 2))
+    batch = one.collect(model, PROMPTS, epoch=0, seed=2)
+    m1, m2 = first_micro(one, batch), first_micro(two, batch)
+    assert len(m1.idx) > 0 and sorted(m2.idx.tolist()) == sorted(m1.idx.tolist() * 2)
+    for i in m1.idx.unique().tolist():
+        rows = m2.noise[m2.idx == i]
+        assert not torch.equal(rows[0], rows[-1])  # two draws of that sample
+    assert torch.isfinite(two.loss(model, m2)[0])
+
+
 def test_dcpo_conditions_the_rejected_image_on_its_distractor():
     model = tiny_model()
     algo = build("dcpo", model, distractor="perturb")

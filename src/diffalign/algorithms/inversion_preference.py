@@ -38,6 +38,7 @@ from torch import Tensor
 from ..config import check_choice, check_positive, check_range
 from ..core.inversion import ddim_inversion
 from ..core.parametrization import broadcast_to, cond_index
+from ..core.prompts import negative_prompts
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import safe_reward
 from .preference import DPO_WEIGHT, DiffusionDPO, DPOConfig, PairBatch, PairMicroBatch
@@ -112,7 +113,7 @@ class InversionDPO(DiffusionDPO):
         if self.cfg.inversion_guidance_scale == 1.0:
             return cond, None
         uncond = (cond_index(batch.uncond, idx) if batch.uncond is not None
-                  else _unwrap(model).encode_prompts([""] * len(idx)))
+                  else _unwrap(model).encode_prompts(negative_prompts([batch.prompts[i] for i in idx.tolist()])))
         return cond, uncond
 
     @torch.no_grad()

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..config import check_positive, check_range
 from ..core.parametrization import cond_cat, cond_index, to_x0_eps
+from ..core.prompts import negative_prompts
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from .preference import sample_timesteps
 from .stepwise_preference import SPO, SPOConfig
@@ -144,7 +145,7 @@ class LPO(SPO):
 
             x_w, x_l = encode([p.chosen for p in pairs]), encode([p.rejected for p in pairs])
             prompts = [p.prompt for p in pairs]
-            cond, uncond = base.encode_prompts(prompts), base.encode_prompts([""] * len(prompts))
+            cond, uncond = base.encode_prompts(prompts), base.encode_prompts(negative_prompts(prompts))
         gen = torch.Generator().manual_seed(12345)
         perm = torch.randperm(len(pairs), generator=gen)
         n_val = max(1, len(pairs) // 10)
@@ -187,7 +188,7 @@ class LPO(SPO):
     def score_candidates(self, model, cand: Tensor, t_prev: Tensor, cond_k: Any, uncond_k: Any,
                          prompts: list[str]) -> tuple[Tensor, int]:
         if uncond_k is None:
-            uncond_k = _unwrap(model).encode_prompts([""] * len(cand))
+            uncond_k = _unwrap(model).encode_prompts(negative_prompts(prompts))
         t = t_prev.float().expand(len(cand)).to(cand.device)
         with torch.no_grad():
             return self.reward_latents(cand, t, cond_k, uncond_k).float().cpu(), 0

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..config import check_positive, check_range
 from ..core.parametrization import broadcast_to, cond_index, guided_prediction, to_x0_eps
+from ..core.prompts import negative_prompts
 from ..core.steps import ddim_step
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from .preference import PairBatch, PairedPreference, PreferenceConfig
@@ -90,7 +91,7 @@ class SelfNPO(PairedPreference):
         if self.cfg.source == "file":  # both images of each pair, labels unused
             batch.chosen, batch.rejected = torch.arange(len(batch)), torch.zeros(0, dtype=torch.long)
         if batch.uncond is None and self.cfg.solver_guidance_scale != 1.0:
-            batch.uncond = _unwrap(model).encode_prompts([""] * len(batch))
+            batch.uncond = _unwrap(model).encode_prompts(negative_prompts(batch.prompts))
         batch.info["samples"] = float(len(batch.chosen))
         return batch
 
@@ -101,7 +102,7 @@ class SelfNPO(PairedPreference):
         perm = batch.chosen[torch.randperm(n, generator=generator)]
         for chunk in perm.chunk(min(self.cfg.steps_per_epoch, n)):
             micros = []
-            for sel in chunk.split(2 * self.cfg.micro_batch_size):
+            for sel in chunk.repeat(self.cfg.timesteps_per_pair).split(2 * self.cfg.micro_batch_size):
                 k, shape = len(sel), (len(sel), *batch.x0.shape[1:])
                 micros.append(SelfNPOMicroBatch(
                     batch, sel, torch.randint(0, self.cfg.num_ddim_steps, (k,), generator=generator),

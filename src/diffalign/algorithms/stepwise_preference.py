@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_cat, cond_index, guided_prediction, to_x0_eps
+from ..core.prompts import negative_prompts
 from ..core.sampling import seeded_noise
 from ..core.steps import SAMPLERS, get_step
 from ._policy_gradient import model_prediction_type, model_schedule
@@ -147,6 +148,7 @@ class StepMicroBatch:
 
 class StepwisePreference:
     name = "stepwise"
+    samples_with_policy = True  # rollouts run the trained weights without gradient (LoRA may be merged)
 
     def __init__(self, cfg: StepwiseConfig, *, reward: Callable, reference: Callable | None = None):
         if reference is None:
@@ -252,7 +254,7 @@ class SPO(StepwisePreference):
         gen = torch.Generator(device).manual_seed(seed)
         pick = torch.Generator().manual_seed(seed + 1)
         cond = model.encode_prompts(prompts)
-        uncond = model.encode_prompts([""] * N) if cfg.guidance_scale != 1.0 else None
+        uncond = model.encode_prompts(negative_prompts(prompts)) if cfg.guidance_scale != 1.0 else None
         cond_k = cond_cat(*[cond] * K)
         uncond_k = None if uncond is None else cond_cat(*[uncond] * K)
         ts = schedule.timesteps(cfg.num_steps)
