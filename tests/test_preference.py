@@ -346,6 +346,11 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dirs, tmp_pa
         {"num_steps": 3, "pairs_per_epoch": 3, "group_size": 3}
     cfg = TrainConfig(model=str(tiny_dirs / "flow"), method=method, epochs=3, checkpoint_every=1, lr=1e-3,
                       heldout_rewards=["shapes_soft"], algorithm={**small, **extra})
+    assert_resume_matches(cfg, tmp_path)
+
+
+def assert_resume_matches(cfg, tmp_path):
+    """A 3-epoch run cut after 2 epochs and resumed logs the metrics of the uninterrupted run."""
     train(cfg, tmp_path / "full", progress=False)
     assert train(cfg, tmp_path / "cut", progress=False, stop_at=2) is None
     train(cfg, tmp_path / "cut", resume=True, progress=False)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_online_rl import tiny_model, verifier_reward
-from test_preference import first_micro
-from test_trainer import rows, tiny_dirs  # noqa: F401  (fixture)
+from test_preference import assert_resume_matches, first_micro
+from test_trainer import tiny_dirs  # noqa: F401  (fixture)
 
 from diffalign import algorithms
 from diffalign.algorithms.adaptive_dpo import adaptive_dpo_loss, stability
@@ -28,7 +28,7 @@ from diffalign.core.schedules import FlowSchedule
 from diffalign.data import PreferencePair, load_pairs, write_jsonl_pairs
 from diffalign.data.votes import VoteStore, export_votes
 from diffalign.runtime.lora import Reference
-from diffalign.runtime.trainer import TrainConfig, train
+from diffalign.runtime.trainer import TrainConfig
 from diffalign.worlds import shapes
 
 PROMPTS = ["two red circles", "a blue square left of a green triangle", "one yellow square", "three purple triangles"]
@@ -267,8 +267,8 @@ def test_several_timesteps_per_pair_reach_every_wave3_plan(method, kw):
     m1, m2 = first_micro(one, batch), first_micro(two, batch)
     assert len(m1.idx) > 0 and sorted(m2.idx.tolist()) == sorted(m1.idx.tolist() * 2)
     for i in m1.idx.unique().tolist():
-        rows = m2.noise[m2.idx == i]
-        assert not torch.equal(rows[0], rows[-1])  # two draws of that sample
+        draws = m2.noise[m2.idx == i]
+        assert not torch.equal(draws[0], draws[-1])  # two draws of that sample
     assert torch.isfinite(two.loss(model, m2)[0])
 
 
@@ -415,12 +415,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dirs, tmp_pa
         {"num_steps": 3, "pairs_per_epoch": 3, "group_size": 3}
     cfg = TrainConfig(model=str(tiny_dirs / "flow"), method=method, epochs=3, checkpoint_every=1, lr=1e-3,
                       algorithm={**small, **extra})
-    train(cfg, tmp_path / "full", progress=False)
-    assert train(cfg, tmp_path / "cut", progress=False, stop_at=2) is None
-    train(cfg, tmp_path / "cut", resume=True, progress=False)
-    timing = {"sample_s", "train_s", "images_per_s", "elapsed_s"}
-    full, cut = ([{k: v for k, v in r.items() if k not in timing} for r in rows(tmp_path / d)] for d in ("full", "cut"))
-    assert full == cut and len(full) == 3
+    assert_resume_matches(cfg, tmp_path)
 
 
 WAVE3 = ["sdpo", "smpo", "inpo", "inversion_dpo", "lpo", "self_npo", "balanced_dpo", "dense_reward_dpo", "ipr",
