@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0
 WORKERS ?= 2
 
-.PHONY: install test test-fast demo bench bench-sampling bench-search bench-efficiency bench-reward-gradient clean
+.PHONY: install test test-fast demo bench bench-sampling bench-search bench-efficiency bench-reward-gradient bench-rewards bench-diffusers bench-throughput clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,8 +40,21 @@ bench-search: $(STAMP)
 bench-efficiency: $(STAMP)
 	$(BIN)/python benchmarks/bench_efficiency.py
 
+# 2 threads, as the DDPO comparison of issue 20 was measured; THREADS=1 on a machine shared with other jobs
+THREADS ?= 2
+bench-throughput: $(STAMP)
+	$(BIN)/python benchmarks/bench_throughput.py --threads $(THREADS)
+
 bench-reward-gradient: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_reward_gradient.py
+
+bench-diffusers: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_diffusers.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_video_io.py
+
+bench-rewards: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_rewards.py --tasks
+	$(BIN)/python benchmarks/geneval_agreement.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

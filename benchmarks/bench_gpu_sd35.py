@@ -1,5 +1,5 @@
-"""Flow-GRPO on an SD3.5-medium-sized model, for a GPU machine: s/step, peak memory and TFLOP/s
-for LoRA and full fine-tuning.
+"""Flow-GRPO on an SD3.5-medium-sized model, for a GPU machine: seconds per image of an epoch against
+its raw per-timestep floor, peak memory and TFLOP/s, for LoRA and full fine-tuning.
 
 The MMDiT-X transformer (2.24B parameters) and the 16-channel VAE are built from SD3.5-medium's
 published configs with random weights (nothing is downloaded); the three text encoders are
@@ -7,16 +7,26 @@ replaced by random prompt embeddings of SD3's shapes (77 CLIP + 256 T5 tokens x 
 -- they run once per prompt and are cached, so they are not part of a training step. Everything
 else is diffalign's real path: the diffusers adapter (``DiffusersDenoiser``) around a
 ``StableDiffusion3Pipeline``, Flow-GRPO's rollout (``flow_sde``, CFG 4.5, 10 steps, group size
-``G``), VAE decode, reward, PPO loss with the KL to the reference model, backward, gradient
-clipping and AdamW -- in bf16 autocast like ``Trainer`` (LoRA weights and full fine-tuning
-master weights in float32, frozen weights in bf16).
+``G``, LoRA merged into the weights while sampling unless ``--no-merge``), VAE decode, reward, the
+timestep-fused PPO update (``--micro-batch`` rows of image x timestep per pass) with the KL to the
+reference model, backward, gradient clipping and AdamW -- in bf16 autocast like ``Trainer`` (LoRA
+weights and full fine-tuning master weights in float32, frozen weights in bf16).
 
 One "step" is one epoch of ``--prompts x G`` images: a rollout, then one optimiser step over every
-image and trained timestep (Flow-GRPO's micro-batches accumulate). TFLOP/s counts the matmul /
-attention / convolution FLOPs of a whole epoch (``torch.utils.flop_counter``) over its wall time.
+image and trained timestep. The floor (``floor_per_image``) is what a loop calling the raw
+transformer once per timestep must spend per image: ``T`` guided forwards, one guided
+forward+backward per trained timestep and, with ``beta > 0``, one guided reference forward per
+trained timestep, timed at the run's own batch sizes; ``x_floor`` = seconds per image / floor
+(target <= 1.2). TFLOP/s counts the matmul / attention / convolution FLOPs of an epoch
+(``torch.utils.flop_counter``) over its wall time.
 
     python benchmarks/bench_gpu_sd35.py                # GPU: 512x512, LoRA r=32 and full fine-tuning
     python benchmarks/bench_gpu_sd35.py --tiny         # CPU smoke run of the same code (tested)
+
+On this workplace's GPU machines (torch, transformers, peft and accelerate installed; diffusers not):
+``benchmarks/gpu_wheels.sh`` fetches the wheels into ``.whl/`` here; a device run carries ``.whl`` and
+starts with ``python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
+--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1`` (docs/gpu_scale.md).
 """
 
 from __future__ import annotations
@@ -101,9 +111,78 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def floor_per_image(model, batch, algo_cfg, args, device, sync) -> dict:
+    """The raw per-timestep floor of one image's epoch, from timed raw backbone calls on the epoch's
+    own latents and prompts: ``T`` guided forwards of its rollout, one guided forward+backward per
+    trained timestep, and one guided forward per trained timestep for the KL's reference when
+    ``beta > 0`` -- each at the batch the run uses (the rollout's sampling batch, ``--micro-batch``
+    rows), per image."""
+    from diffalign.core.parametrization import cond_cat, cond_index
+
+    backbone = model.get_base_model().backbone if hasattr(model, "get_base_model") else model.backbone
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = base.compute_dtype
+
+    def inputs(n):
+        idx = torch.arange(n) % len(batch)
+        x = batch.latents[idx, 1].to(dtype)
+        cond = cond_cat(cond_index(batch.cond, idx), cond_index(batch.uncond, idx))
+        x2, t2 = torch.cat([x, x]), batch.t[1].float().expand(2 * n).to(device)
+        return x2, {"timestep": base._timestep(t2), "encoder_hidden_states": cond.embeds.to(dtype),
+                    "pooled_projections": cond.pooled.to(dtype)}  # what SD3's pipeline feeds its transformer
+
+    def timed(fn, reps):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / reps
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    n_sample = min(algo_cfg.sample_batch_size, algo_cfg.batch_size)
+    xs, kws = inputs(n_sample)
+    xt, kwt = inputs(args.micro_batch)
+
+    def forward():
+        with torch.no_grad(), autocast():
+            backbone(xs, return_dict=False, **kws)
+
+    def forward_backward():
+        with autocast():
+            out = backbone(xt, return_dict=False, **kwt)[0]
+        out.float().square().mean().backward()
+
+    reps = 3 if device.type == "cuda" else 1
+    fwd = timed(forward, reps) / n_sample  # one guided step of one image (both CFG branches)
+    fb = timed(forward_backward, reps) / args.micro_batch
+    backbone.zero_grad(set_to_none=True)
+    T, trained = algo_cfg.num_steps, max(1, round(algo_cfg.timestep_fraction * algo_cfg.num_steps))
+    per_image = T * fwd + trained * fb + (trained * fwd if algo_cfg.beta > 0 else 0.0)
+    return {"floor_forward_ms_per_image_step": round(fwd * 1e3, 2),
+            "floor_fwd_bwd_ms_per_image_step": round(fb * 1e3, 2), "floor_s_per_image": round(per_image, 4)}
+
+
+def pick_device(name: str | None, tiny: bool) -> torch.device:
+    """The benchmark's device (CUDA unless ``tiny``), TF32 matmuls on, diffusers' logging quiet."""
+    device = torch.device(name or ("cpu" if tiny or not torch.cuda.is_available() else "cuda"))
+    if device.type != "cuda" and not tiny:
+        raise SystemExit("no CUDA device: this benchmark is for a GPU machine (use --tiny for a CPU smoke run)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # e.g. "modules that should be kept in float32: []" on .to(bf16)
+    return device
+
+
 def run_arm(mode: str, args, device: torch.device) -> dict:
     from diffalign import algorithms
-    from diffalign.runtime.lora import Reference, apply_lora, lora_targets
+    from diffalign.runtime.lora import Reference, apply_lora, lora_targets, merged_lora
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -121,10 +200,14 @@ def run_arm(mode: str, args, device: torch.device) -> dict:
     algo_cfg = algorithms.build_config("flow_grpo", {
         "group_size": args.group_size, "batch_size": args.group_size * args.prompts, "num_steps": args.steps,
         "guidance_scale": 4.5, "eta": 0.7, "beta": args.beta, "clip_range": 1e-4,
-        "micro_batch_size": args.micro_batch, "timestep_fraction": 1.0})
+        "micro_batch_size": args.micro_batch, "timestep_fraction": 1.0,
+        "sample_batch_size": args.sample_batch or args.group_size * args.prompts})
     reference = Reference(model) if args.beta > 0 else None
     algo = algorithms.get("flow_grpo")[1](algo_cfg, reward=brightness, reference=reference)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    backbone = model.get_base_model().backbone if mode == "lora" else model.backbone
+    if args.compile:
+        backbone.compile()  # in place, as the trainer's compile_backbone does
 
     def autocast():  # what Trainer does: bf16 autocast on CUDA, nothing on CPU
         return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -133,12 +216,14 @@ def run_arm(mode: str, args, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    merge = mode == "lora" and not args.no_merge
+
     def epoch(e: int) -> tuple[float, float]:
         prompts = [f"prompt {e} {i}" for i in range(args.prompts)]
         sync()
         t0 = time.perf_counter()
         model.eval()
-        with autocast():
+        with autocast(), (merged_lora(model) if merge else contextlib.nullcontext()):
             batch = algo.collect(model, prompts, epoch=e, seed=e)
         sync()
         t1 = time.perf_counter()
@@ -152,26 +237,34 @@ def run_arm(mode: str, args, device: torch.device) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync()
+        epoch.batch = batch
         return t1 - t0, time.perf_counter() - t1
 
-    flops = count_flops(lambda: epoch(0))  # warm-up epoch, counted
+    t0 = time.perf_counter()
+    first = sum(epoch(0))  # warm-up (and, with --compile, compilation)
+    warmup_s = time.perf_counter() - t0
     times = [epoch(e + 1) for e in range(args.epochs)]
     roll = sorted(t[0] for t in times)[len(times) // 2]
     train = sorted(t[1] for t in times)[len(times) // 2]
     step = roll + train
+    flops = count_flops(lambda: epoch(args.epochs + 1)) if not args.compile else float("nan")
     n_images = algo_cfg.batch_size
     out = {
         "mode": mode, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
         "resolution": args.resolution, "latent": list(model.sample_shape),
         "trainable_params_M": round(sum(p.numel() for p in params) / 1e6, 2),
-        "images_per_step": n_images, "sampling_steps": args.steps, "micro_batch": args.micro_batch,
+        "images_per_step": n_images, "sampling_steps": args.steps, "micro_batch_rows": args.micro_batch,
+        "sample_batch": algo_cfg.sample_batch_size, "beta": args.beta, "lora_merged_rollouts": merge,
+        "compiled": args.compile, "warmup_epoch_s": round(warmup_s, 2), "first_epoch_s": round(first, 2),
         "rollout_s": round(roll, 3), "train_s": round(train, 3), "s_per_step": round(step, 3),
-        "rollout_images_per_s": round(n_images / roll, 2), "tflop_per_step": float(f"{flops / 1e12:.4g}"),
-        "tflop_per_s": float(f"{flops / 1e12 / step:.4g}"),
+        "s_per_image": round(step / n_images, 4), "rollout_images_per_s": round(n_images / roll, 2),
+        "tflop_per_step": float(f"{flops / 1e12:.4g}"), "tflop_per_s": float(f"{flops / 1e12 / step:.4g}"),
     }
     if device.type == "cuda":
         out["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    out.update(floor_per_image(model, epoch.batch, algo_cfg, args, device, sync))
+    out["x_floor"] = round(out["s_per_image"] / out["floor_s_per_image"], 3)
     del model, algo, opt, reference
     return out
 
@@ -184,7 +277,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="G, images per prompt")
     p.add_argument("--steps", type=int, default=10, help="sampling steps (Flow-GRPO trains with 10)")
-    p.add_argument("--micro-batch", type=int, default=4, help="images per forward/backward (CFG doubles it)")
+    p.add_argument("--micro-batch", type=int, default=4,
+                   help="rows (image x timestep) per forward/backward, fused over timesteps (CFG doubles it)")
+    p.add_argument("--sample-batch", type=int, default=0, help="images per sampling pass (0: the whole epoch)")
+    p.add_argument("--no-merge", action="store_true", help="roll out with the LoRA adapter unmerged")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (warm-up epoch compiles)")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (0: no reference forward)")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--lora-alpha", type=float, default=64)
@@ -196,17 +293,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.resolution is None:
         args.resolution = 16 if args.tiny else 512
     if args.tiny and args.group_size == 8 and args.prompts == 2:
-        args.group_size, args.prompts, args.steps, args.micro_batch, args.epochs = 2, 2, 3, 2, 1
+        args.group_size, args.prompts, args.steps, args.micro_batch, args.epochs = 2, 2, 3, 6, 1
         args.lora_rank, args.lora_alpha = 4, 8
-    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
-    if device.type != "cuda" and not args.tiny:
-        raise SystemExit("no CUDA device: this benchmark is for a GPU machine (use --tiny for a CPU smoke run)")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()  # e.g. "modules that should be kept in float32: []" on .to(bf16)
+    device = pick_device(args.device, args.tiny)
     rows = []
     for mode in args.modes:
         try:
@@ -217,15 +306,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.empty_cache()
         rows.append(r)
         print(json.dumps(r))
-    print(f"\n{'mode':5} {'trainable':>10} {'s/step':>8} {'rollout s':>9} {'train s':>8} {'img/s':>7} "
-          f"{'TFLOP/s':>8} {'peak GiB':>9}")
+    print(f"\n{'mode':5} {'trainable':>10} {'s/step':>8} {'rollout s':>9} {'train s':>8} {'s/image':>8} "
+          f"{'floor s/img':>11} {'x floor':>8} {'TFLOP/s':>8} {'peak GiB':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['mode']:5} {r['error']}")
             continue
         print(f"{r['mode']:5} {r['trainable_params_M']:9.2f}M {r['s_per_step']:8.2f} {r['rollout_s']:9.2f} "
-              f"{r['train_s']:8.2f} {r['rollout_images_per_s']:7.2f} {r['tflop_per_s']:8.3g} "
-              f"{r.get('peak_memory_GiB', math.nan):9.2f}")
+              f"{r['train_s']:8.2f} {r['s_per_image']:8.3f} {r['floor_s_per_image']:11.3f} {r['x_floor']:8.3f} "
+              f"{r['tflop_per_s']:8.3g} {r.get('peak_memory_GiB', math.nan):9.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return rows

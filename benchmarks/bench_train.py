@@ -49,7 +49,7 @@ def main() -> None:
     t_roll = time.perf_counter() - t0
     model.train()
     micro = next(iter(algo.minibatches(batch, torch.Generator().manual_seed(0))))
-    micro = [m for m in micro if m.step == micro[0].step]  # one timestep, the whole batch
+    micro = [m for m in micro if bool((m.steps == micro[0].steps[0]).all())]  # one timestep, the whole batch
 
     def trainer_step():
         for m in micro:
@@ -60,8 +60,8 @@ def main() -> None:
 
     def raw_step():
         for m in micro:
-            x_t = batch.latents[m.idx, m.step]
-            t = batch.t[m.step].float().expand(len(m.idx))
+            x_t = batch.latents[m.idx, m.steps]
+            t = batch.t[m.steps].float()
             out = guided_prediction(model, x_t, t, cond_index(batch.cond, m.idx), cond_index(batch.uncond, m.idx),
                                     cfg.guidance_scale)
             out.square().mean().backward()

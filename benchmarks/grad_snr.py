@@ -21,6 +21,7 @@ import torch
 from diffalign import algorithms
 from diffalign.models import load_model
 from diffalign.rewards import get
+from diffalign.runtime.lora import Reference
 from diffalign.worlds import shapes
 
 FORWARD_PROCESS = ("awm", "diffusion_nft", "crd")
@@ -42,7 +43,11 @@ def main() -> None:
     opts = {"group_size": 8, "batch_size": args.batch, "num_steps": 10, "guidance_scale": 3.0, "micro_batch_size": 64}
     if args.method not in FORWARD_PROCESS:  # the policy-gradient family: the demo's SDE settings, no KL
         opts.update(eta=0.7, clip_range=1e-3, beta=0.0, timestep_fraction=1.0)
-    algo = algorithms.get(args.method)[1](algorithms.build_config(args.method, opts), reward=get(args.reward))
+    if args.method == "vard":  # its value is fitted on each epoch's own rollouts inside collect: no warm-up here
+        opts.update(value_warmup_epochs=0, beta=0.1)
+    cfg = algorithms.build_config(args.method, opts)
+    reference = Reference(model) if getattr(cfg, "beta", 0) > 0 else None
+    algo = algorithms.get(args.method)[1](cfg, reward=get(args.reward), reference=reference)
 
     def gradient(seed: int) -> torch.Tensor:
         prompts = shapes.sample_prompts(args.batch // 8, "train", seed=seed)

@@ -237,7 +237,7 @@ def test_bad_input(pipes, tmp_path):
         DiffusersDenoiser.from_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown config key 'resolutoin'; did you mean 'resolution'"):
         DiffusersDenoiser.from_pretrained(pipes["sd"], resolutoin=16)
-    with pytest.raises(ValueError, match="FLUX's distilled guidance"):
+    with pytest.raises(ValueError, match="is a distilled guidance scale"):
         DiffusersDenoiser.from_pretrained(pipes["sd"], guidance=3.5)
     with pytest.raises(ValueError, match="no nn.Linear in the unet matches"):
         DiffusersDenoiser.from_pretrained(pipes["sd"], lora_target_modules=["nope"]).lora_target_modules

@@ -1,7 +1,6 @@
 """The diffusers benchmarks run (tiny sizes on CPU): the same code paths a GPU run takes."""
 
 import importlib.util
-import logging
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,7 @@ def load(name):
     return mod
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
+pytestmark = pytest.mark.usefixtures("quiet_diffusers")
 
 
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
@@ -39,6 +30,9 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert lora["trainable_params_M"] < full["trainable_params_M"]
     for r in rows:
         assert r["s_per_step"] > 0 and r["tflop_per_step"] > 0 and r["latent"] == [4, 8, 8]
+        assert r["floor_s_per_image"] > 0 and r["x_floor"] == pytest.approx(r["s_per_image"] / r["floor_s_per_image"],
+                                                                              rel=1e-2)
+    assert lora["lora_merged_rollouts"] and not full["lora_merged_rollouts"]
     assert (tmp_path / "r.json").is_file()
 
 
@@ -57,7 +51,27 @@ def test_gpu_benchmark_builds_the_sd35_medium_config():
 
 @pytest.mark.slow
 def test_cpu_benchmark_runs():
-    rows = load("bench_diffusers").main(["--size", "tiny", "--arch", "sd", "flux", "--batch", "4", "--steps", "2",
+    rows = load("bench_diffusers").main(["--size", "tiny", "--arch", "sd", "flux", "wan", "z_image", "--batch", "4",
+                                         "--steps", "2",
                                          "--repeats", "1"])
-    assert [r["arch"] for r in rows] == ["sd", "flux"]
+    assert [r["arch"] for r in rows] == ["sd", "flux", "wan", "z_image"]
     assert all(r["ratio"] > 0 and r["images_per_s"] > 0 for r in rows)
+
+
+def test_wan_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
+    r = load("bench_gpu_wan").main(["--tiny", "--json", str(tmp_path / "r.json")])
+    assert r["latent"] == [16, 3, 4, 4] and r["videos_per_epoch"] == 2 and r["trained_micro_batches"] == 6
+    assert r["s_per_video"] > 0 and r["floor_s_per_video"] > 0 and r["ratio"] > 0
+    assert (tmp_path / "r.json").is_file()
+
+
+def test_wan_gpu_benchmark_builds_the_wan21_1_3b_config():
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    bench = load("bench_gpu_wan")
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**bench.WAN21_1_3B)
+        vae = AutoencoderKLWan()
+    assert 1.40e9 < sum(p.numel() for p in transformer.parameters()) < 1.45e9
+    assert transformer.config.text_dim == bench.WAN_TEXT["dim"] and vae.config.z_dim == 16
+    assert (vae.config.scale_factor_spatial, vae.config.scale_factor_temporal) == (8, 4)

@@ -81,7 +81,7 @@ def test_each_way_of_splitting_an_optimiser_step_gives_every_micro_batch_a_total
         own_micro_batches(items, Shard(0, 2), "halves")
 
 
-@pytest.mark.parametrize("micro_batch_size,steps_per_epoch", [(4, 1), (1, 2), (12, 3)])
+@pytest.mark.parametrize("micro_batch_size,steps_per_epoch", [(4, 1), (1, 2), (12, 3), (8, 1), (5, 2)])
 def test_minibatches_split_the_one_process_plan_over_processes(micro_batch_size, steps_per_epoch):
     algo = build("flow_grpo", micro_batch_size=micro_batch_size, steps_per_epoch=steps_per_epoch, timestep_fraction=0.5)
     n = 12
@@ -97,10 +97,11 @@ def test_minibatches_split_the_one_process_plan_over_processes(micro_batch_size,
     for step, (m1, m_a, m_b) in enumerate(zip(one, *parts)):
         assert len(m_a) == len(m_b) == len(m1), step  # every process runs every micro-batch
         for ref, a, b in zip(m1, m_a, m_b):
-            assert ref.step == a.step == b.step
             assert a.share + b.share == pytest.approx(1.0)
-            got = [int(i) for i in a.idx] * (a.share > 0) + [int(i) + n // 2 for i in b.idx] * (b.share > 0)
-            assert sorted(got) == sorted(ref.idx.tolist())
+            assert a.weight == b.weight == ref.weight
+            got = ([(int(i), int(j)) for i, j in zip(a.idx, a.steps)] * (a.share > 0)
+                   + [(int(i) + n // 2, int(j)) for i, j in zip(b.idx, b.steps)] * (b.share > 0))
+            assert sorted(got) == sorted(zip(ref.idx.tolist(), ref.steps.tolist()))  # the same (sample, step) rows
             for m in (a, b):
                 assert m.share == 0 or m.share == pytest.approx(len(m.idx) / len(ref.idx))
 
@@ -146,30 +147,38 @@ def cmd_has(cmd, flag, value):
 
 # ----- a group split over two processes (torch.multiprocessing, gloo) ------------------------------
 
-def _collect_worker(rank, world, init_file, out):
+def _gloo_worker(rank, world, init_file, out, work):
+    """One of ``world`` gloo processes: ``work(shard)`` with this process's ``Shard``, saved as ``rank{rank}.pt``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        shard = Shard(rank, world, gather=all_gather_cat)
-        res = {}
-        for method, kind in (("flow_grpo", "flow"), ("ddpo", "epsilon")):
-            algo = build(method, **({"stat_min_count": 4} if method == "ddpo" else {}))
-            algo.shard = shard
-            model = tiny_model(kind)
-            batches = [algo.collect(model, PROMPTS, epoch=e, seed=11 + e) for e in range(2)]
-            keys = ("latents", "log_probs", "rewards", "advantages", "group")
-            res[method] = {"batch": [{k: getattr(b, k) for k in keys} for b in batches], "info": batches[-1].info,
-                           "state": algo.state_dict() if hasattr(algo, "state_dict") else None}
-        torch.save(res, Path(out) / f"rank{rank}.pt")
+        torch.save(work(Shard(rank, world, gather=all_gather_cat)), Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+def spawn_collect(directory: Path, work, world: int = 2) -> list:
+    """What ``work(shard)`` (a module-level function) returns on each of ``world`` processes, in rank order."""
+    torch.multiprocessing.spawn(_gloo_worker, args=(world, str(directory / "rdzv"), str(directory), work), nprocs=world)
+    return [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _collect_work(shard):
+    res = {}
+    for method, kind in (("flow_grpo", "flow"), ("ddpo", "epsilon")):
+        algo = build(method, **({"stat_min_count": 4} if method == "ddpo" else {}))
+        algo.shard = shard
+        model = tiny_model(kind)
+        batches = [algo.collect(model, PROMPTS, epoch=e, seed=11 + e) for e in range(2)]
+        keys = ("latents", "log_probs", "rewards", "advantages", "group")
+        res[method] = {"batch": [{k: getattr(b, k) for k in keys} for b in batches], "info": batches[-1].info,
+                       "state": algo.state_dict() if hasattr(algo, "state_dict") else None}
+    return res
+
+
 @pytest.fixture(scope="module")
 def split_collect(tmp_path_factory):
-    d = tmp_path_factory.mktemp("split")
-    torch.multiprocessing.spawn(_collect_worker, args=(2, str(d / "rdzv"), str(d)), nprocs=2)
-    return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return spawn_collect(tmp_path_factory.mktemp("split"), _collect_work)
 
 
 def one_process_advantages(algo, rewards: torch.Tensor) -> torch.Tensor:

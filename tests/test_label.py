@@ -204,13 +204,30 @@ def test_export_is_the_majority_vote_and_reads_back_as_pairs(setup):
     p = {q.pair_id: q for q in pairs}
     assert [g.pair_id for g in got] == ["p0", "p1", "p2", "p3"]
     assert got[0] == PreferencePair("prompt 0", p["p0"].chosen, p["p0"].rejected, annotator="alice,bob,carol",
-                                    pair_id="p0")
+                                    pair_id="p0", votes=(2, 1, 0))
     assert got[1] == PreferencePair("prompt 1", p["p1"].rejected, p["p1"].chosen, annotator="alice,bob,carol",
-                                    pair_id="p1")  # b won: the file's second image is now chosen
+                                    pair_id="p1", votes=(2, 0, 1))  # b won: the file's second image is now chosen
+    assert got[0].agreement == pytest.approx(2 / 3) and got[1].agreement == 1.0 and got[2].votes == (1, 1, 0)
     assert got[2].tie and got[2].annotator == "alice,bob" and np.array_equal(got[2].chosen, p["p2"].chosen)
     assert got[3].tie and got[3].annotator == "alice"
     line = json.loads((tmp / "out" / "labelled.jsonl").read_text().splitlines()[0])
     assert line["votes"] == {"a": 2, "b": 1, "tie": 0} and line["chosen"].startswith("../pairs/images/")
+
+
+def test_per_annotator_export_keeps_each_voters_own_choice(tmp_path):
+    pairs = make_pairs_dir(tmp_path / "pairs", 3)
+    store = VoteStore(tmp_path / "v.sqlite")
+    for name, pid, choice in [("alice", "p0", "a"), ("bob", "p0", "b"), ("alice", "p1", "tie"), ("bob", "p2", "skip"),
+                              ("carol", "p2", "b")]:
+        store.vote(name, pid, choice)
+    store.close()
+    s = export_votes(tmp_path / "pairs", tmp_path / "v.sqlite", tmp_path / "per.jsonl", per_annotator=True)
+    assert s["pairs"] == 3 and s["left_out"] == 2
+    got = load_pairs(tmp_path / "per.jsonl")
+    assert [(g.annotator, g.pair_id, g.votes) for g in got] == [("alice", "p0", (1, 0, 0)), ("bob", "p0", (1, 0, 0)),
+                                                                ("carol", "p2", (1, 0, 0))]
+    assert np.array_equal(got[0].chosen, pairs[0].chosen) and np.array_equal(got[1].chosen, pairs[0].rejected)
+    assert np.array_equal(got[2].chosen, pairs[2].rejected)
 
 
 def test_label_cli_adds_annotators_and_exports(tmp_path):
@@ -232,6 +249,9 @@ def test_label_cli_adds_annotators_and_exports(tmp_path):
     out = CliRunner().invoke(app, base + ["--export", str(tmp_path / "e.jsonl")])
     assert out.exit_code == 0 and "wrote 1 pairs (0 ties)" in out.stdout, out.output
     assert [p.pair_id for p in load_pairs(tmp_path / "e.jsonl")] == ["p2"]
+    out = CliRunner().invoke(app, base + ["--export", str(tmp_path / "u.jsonl"), "--per-annotator"])
+    assert out.exit_code == 0 and "wrote 1 per-annotator pairs" in out.stdout, out.output
+    assert [p.annotator for p in load_pairs(tmp_path / "u.jsonl")] == ["erin"]
     # the one real process start: the console entry point
     out = subprocess.run([sys.executable, "-m", "diffalign", "label", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--add-annotator" in out.stdout

@@ -71,6 +71,25 @@ def test_kl_is_zero_at_initialisation_and_positive_after_a_change():
     assert stats["kl"] > 0
 
 
+@pytest.mark.parametrize("method,kind,kw", [("dpok", "epsilon", {"clip_sample": 1.0}),
+                                            ("flow_grpo", "flow", {"sampler": "cps"})])
+def test_the_deterministic_step_into_t0_is_not_trained_and_the_kl_stays_finite(method, kind, kw):
+    """DDIM and CPS step into t = 0 without noise: that step has no log-prob, so it is no policy step
+    (it used to be trained, at no gradient, and its Gaussian KL divided by std 0 exploded)."""
+    model = tiny_model(kind)
+    cfg, cls = build(method, beta=0.01, micro_batch_size=64, **kw)
+    algo = cls(cfg, reward=verifier_reward, reference=Reference(model))
+    batch = algo.collect(model, PROMPTS, epoch=0, seed=3)
+    assert batch.sde_mask.tolist() == [True, True, True, False]
+    assert algo.train_steps(batch, torch.Generator()) == [0, 1, 2]
+    with torch.no_grad():
+        model.unet.out.bias.add_(0.05)
+    micro = next(iter(algo.minibatches(batch, torch.Generator().manual_seed(0))))[0]
+    assert set(micro.steps.tolist()) == {0, 1, 2}
+    _, stats = algo.loss(model, micro)
+    assert 0 < stats["kl"] < 1e3
+
+
 def test_zero_advantages_give_zero_policy_gradient():
     model = tiny_model()
     cfg, cls = build("flow_grpo", beta=0.0)

@@ -168,6 +168,29 @@ def test_at_initialisation_the_margin_is_zero_and_the_loss_is_log_2(method):
     assert abs(stats["reward_margin"]) < 5e-4
 
 
+@pytest.mark.parametrize("method", ["dpo", "mapo"])
+def test_several_timesteps_per_pair_train_in_one_pass_as_the_mean_over_draws(method):
+    from diffalign.algorithms.preference import PairMicroBatch
+
+    model = tiny_model()
+    algo = build(method, model, timesteps_per_pair=2, micro_batch_size=64)
+    batch = algo.collect(model, PROMPTS, epoch=0, seed=2)
+    n = len(batch.chosen)
+    micro = first_micro(algo, batch)  # every pair twice, both images of each, in one pass
+    assert len(micro.idx) == 4 * n and len(set(micro.t.tolist())) == 2 * n
+    assert torch.equal(micro.idx[:n], micro.idx[n:2 * n]) and torch.equal(micro.t[:2 * n], micro.t[2 * n:])
+
+    def part(rows):
+        pos = torch.cat([rows, rows + 2 * n])  # the chosen rows, then their rejected partners
+        return PairMicroBatch(batch, micro.idx[pos], micro.t[pos], micro.noise[pos], dropped=micro.dropped[pos])
+
+    fused = grads(model, algo.loss(model, micro)[0])
+    halves = [grads(model, algo.loss(model, part(torch.arange(k * n, (k + 1) * n)))[0]) for k in range(2)]
+    mean = (halves[0] + halves[1]) / 2  # equal up to float rounding of other batch sizes
+    torch.testing.assert_close(fused, mean, atol=1e-4 * mean.abs().max().item(), rtol=1e-4)
+    assert (halves[0] - halves[1]).abs().max() > 1e-2 * mean.abs().max()  # the two draws differ
+
+
 def _swap(batch):
     if isinstance(batch, PairBatch):
         batch.chosen, batch.rejected = batch.rejected, batch.chosen
@@ -323,6 +346,11 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dirs, tmp_pa
         {"num_steps": 3, "pairs_per_epoch": 3, "group_size": 3}
     cfg = TrainConfig(model=str(tiny_dirs / "flow"), method=method, epochs=3, checkpoint_every=1, lr=1e-3,
                       heldout_rewards=["shapes_soft"], algorithm={**small, **extra})
+    assert_resume_matches(cfg, tmp_path)
+
+
+def assert_resume_matches(cfg, tmp_path):
+    """A 3-epoch run cut after 2 epochs and resumed logs the metrics of the uninterrupted run."""
     train(cfg, tmp_path / "full", progress=False)
     assert train(cfg, tmp_path / "cut", progress=False, stop_at=2) is None
     train(cfg, tmp_path / "cut", resume=True, progress=False)

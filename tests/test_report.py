@@ -233,12 +233,18 @@ def test_report_embeds_sample_efficiency_curves(tmp_path):
                {"images": 1280, "eval/heldout_accuracy": 0.5}]
     assert images_to_reach(curve_a, 0.5) == 640 and images_to_reach(curve_b, 0.5) == 1280
     assert images_to_reach(curve_b, 0.9) is None
-    summary = {"images": 1280, "eval_prompts": 128, "flow_grpo_final": 0.5,
-               "methods": {"flow_grpo": {"curve": curve_b, "wall_s": 10, "images_to_flow_grpo_final": 1280,
+    curve_a[1].update({"minutes": 1.5, "eval/heldout_relation": 0.25})
+    summary = {"images": 1280, "eval_prompts": 128, "flow_grpo_best": 0.5,
+               "methods": {"flow_grpo": {"curve": curve_b, "wall_s": 10, "images_to_flow_grpo_best": 1280,
                                          "speedup_vs_flow_grpo": 1.0},
-                           "diffusion_nft": {"curve": curve_a, "wall_s": 5, "images_to_flow_grpo_final": 640,
-                                             "speedup_vs_flow_grpo": 2.0}}}
+                           "dense_grpo": {"curve": curve_a, "wall_s": 5, "images_to_flow_grpo_best": 640,
+                                          "speedup_vs_flow_grpo": 2.0, "nfe_sample_per_image": 110.0,
+                                          "nfe_train_per_image": 40.0, "scored_per_image": 11.0}}}
     (tmp_path / "efficiency.json").write_text(json.dumps(summary))
     page = write_report(tmp_path).read_text()
     assert "Sample efficiency" in page and page.count("data:image/png;base64") == 1
-    assert "<td>diffusion_nft</td>" in page and "<td>2</td>" in page
+    assert "<td>dense_grpo</td>" in page and "<td>2</td>" in page
+    # the cost of dense rewards is in the table, and the accuracy by category where the trainer reported it
+    for cell in ("NFE/img sample", "<td>110</td>", "<td>40</td>", "<td>11</td>", "final relation", "<td>0.250</td>",
+                 "<td>1.5</td>"):
+        assert cell in page, cell

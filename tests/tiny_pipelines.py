@@ -52,24 +52,55 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def clip_text(tokenizer, with_projection: bool = False, hidden: int = 32, projection_dim: int = 32):
+def clip_text(tokenizer, with_projection: bool = False, hidden: int = 32, projection_dim: int = 32,
+              max_positions: int = CLIP_MAX_LEN):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, hidden_size=hidden, intermediate_size=37,
                          layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer) + 8,
-                         max_position_embeddings=CLIP_MAX_LEN, hidden_act="gelu", projection_dim=projection_dim)
+                         max_position_embeddings=max_positions, hidden_act="gelu", projection_dim=projection_dim)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
 
 
-def t5_encoder(tokenizer, d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
+def byte_tokenizer(special: tuple[str, ...] = (), *, bos: str | None = None, eos: str = "<|endoftext|>",
+                   pad: str | None = None, chat_template: str | None = None, max_length: int = 4096, cls=None):
+    """A byte-level BPE tokenizer (every byte is a token, so any text tokenizes) with the special
+    tokens a decoder-only text encoder's template needs, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    cfg = T5Config(vocab_size=len(tokenizer) + 8, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                   decoder_start_token_id=tokenizer.pad_token_id)
-    return T5EncoderModel(cfg).eval()
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    names = [t for t in dict.fromkeys((*special, bos, eos, pad)) if t]
+    kw = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad or eos)) if v}
+    out = (cls or PreTrainedTokenizerFast)(tokenizer_object=tok, model_max_length=max_length, **kw)
+    out.add_special_tokens({"additional_special_tokens": [t for t in names if t not in kw.values()]})
+    if chat_template is not None:
+        out.chat_template = chat_template
+    return out
+
+
+# renders {"role", "content"} messages whose content is a string or a list of {"type": "text"} parts
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+                 "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+                 "{% else %}<|image_pad|>{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_SPECIAL = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>")
+
+
+def t5_encoder(tokenizer, d_model: int = 32, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    cfg = (UMT5Config if umt5 else T5Config)(
+        vocab_size=len(tokenizer) + 8, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id)
+    return (UMT5EncoderModel if umt5 else T5EncoderModel)(cfg).eval()
 
 
 def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None, scaling_factor: float = 0.18215):
@@ -159,9 +190,11 @@ def build_sd3(path, *, seed: int = 0, options: dict | None = None, size: str = "
 
 
 def build_flux(path, *, seed: int = 0, guidance_embeds: bool = True, dynamic_shift: bool = True,
-               options: dict | None = None, size: str = "tiny") -> Path:
-    """FLUX.1-dev-like: CLIP (pooled) + T5, packed latents, guidance embedding, dynamic shifting."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+               options: dict | None = None, size: str = "tiny", pipeline: str = "FluxPipeline") -> Path:
+    """FLUX.1-dev-like: CLIP (pooled) + T5, packed latents, guidance embedding, dynamic shifting
+    (``pipeline="FluxKontextPipeline"``: the same components behind FLUX.1-Kontext's pipeline)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     z = SIZES[size]
@@ -173,10 +206,18 @@ def build_flux(path, *, seed: int = 0, guidance_embeds: bool = True, dynamic_shi
                                          guidance_embeds=guidance_embeds)
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic_shift, base_shift=0.5,
                                             max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(transformer=transformer, scheduler=sched,
+    pipe = getattr(diffusers, pipeline)(transformer=transformer, scheduler=sched,
                         vae=tiny_vae(shift_factor=0.1159, scaling_factor=0.3611),
                         text_encoder=clip_text(tok), tokenizer=tok, text_encoder_2=t5_encoder(tok2), tokenizer_2=tok2)
     return _finish(pipe, path, {"max_sequence_length": T5_MAX_LEN, **(options or {})}, size)
 
 
 BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "sd3": build_sd3, "flux": build_flux}
+
+
+def all_builders() -> dict:
+    """Every tiny pipeline builder: the four above, the video families and the wave-2 image families."""
+    from tiny_image import IMAGE_BUILDERS
+    from tiny_video import VIDEO_BUILDERS
+
+    return {**BUILDERS, **VIDEO_BUILDERS, **IMAGE_BUILDERS}

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..core.parametrization import cond_cat, cond_index
+from ..core.prompts import negative_prompts
 from ..core.sampling import sample, seeded_noise
 
 
@@ -62,13 +63,34 @@ class Batch:
     t: Tensor  # [T+1] time grid
     sde_mask: Tensor  # [T] which steps were stochastic
     rewards: Tensor  # [N] (NaN where the reward failed)
-    advantages: Tensor  # [N] (0 where the reward failed)
+    advantages: Tensor  # [N], or [N, T] per step (step-level credit); 0 where the reward failed
     valid: Tensor  # [N] bool, False where the reward failed
     images: Tensor  # [N, 3, H, W] in [0, 1]
     info: dict[str, float] = field(default_factory=dict)
+    eta: Tensor | None = None  # [T] the noise level of each step, when it varies per step (None: the config's)
+    next_latents: Tensor | None = None  # [N, T, ...] where step j's sample is not latents[:, j + 1] (G2RPO's branches)
+    step_rewards: Tensor | None = None  # [N, ...] rewards of intermediate latents or branches (dense methods)
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    # -- rows (sample idx[r], step j[r]) of the trajectories (what the policy-gradient losses read) --
+    # ``j`` is a step for every row (an int) or one per row (a tensor [m]: timestep-fused rows).
+    def transition(self, idx: Tensor, j: int | Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_{t_j}, x_{t_{j+1}})`` of rows ``(idx, j)``."""
+        x_prev = self.latents[idx, j + 1] if self.next_latents is None else self.next_latents[idx, j]
+        return self.latents[idx, j], x_prev
+
+    def advantage(self, idx: Tensor, j: int | Tensor) -> Tensor:
+        """The advantage of rows ``(idx, j)``: per sample, or per (sample, step)."""
+        return self.advantages[idx] if self.advantages.ndim == 1 else self.advantages[idx, j]
+
+    def step_eta(self, j: int | Tensor, default: float) -> float | Tensor:
+        """The noise level the sampler used at step ``j``: ``default`` when it is the same at every
+        step, else ``eta[j]`` (a tensor [m] for rows of several steps)."""
+        if self.eta is None:
+            return default
+        return self.eta[j] if isinstance(j, Tensor) else float(self.eta[j])
 
 
 def check_group_batching(group_size: int, batch_size: int, steps_per_epoch: int) -> None:
@@ -83,11 +105,14 @@ def check_group_batching(group_size: int, batch_size: int, steps_per_epoch: int)
         raise ValueError(f"steps_per_epoch={steps_per_epoch} must divide batch_size={batch_size}")
 
 
-def safe_reward(reward: Callable, images: Tensor, prompts: list[str]) -> tuple[Tensor, int]:
+def safe_reward(reward: Callable, images: Tensor, prompts: list[str], group: Tensor | None = None) -> tuple[Tensor, int]:
     """Call the reward; return ``(rewards with NaN where it failed, number failed)``.
 
     A reward that raises is retried sample by sample so that one bad sample costs one sample.
+    A group-wise reward (``reward.groupwise``) gets the group ids and is retried group by group.
     """
+    if getattr(reward, "groupwise", False):
+        return _safe_group_reward(reward, images, prompts, group)
     try:
         r = torch.as_tensor(reward(images, prompts), dtype=torch.float32).flatten().cpu()
         if r.shape[0] != len(prompts):
@@ -99,6 +124,26 @@ def safe_reward(reward: Callable, images: Tensor, prompts: list[str]) -> tuple[T
                 r[i] = float(torch.as_tensor(reward(images[i:i + 1], prompts[i:i + 1])).flatten()[0])
             except Exception:
                 r[i] = float("nan")
+    r = torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan")))
+    return r, int(torch.isnan(r).sum())
+
+
+def _safe_group_reward(reward: Callable, images: Tensor, prompts: list[str], group: Tensor | None) -> tuple[Tensor, int]:
+    """``safe_reward`` for a reward that scores whole groups: it sees every group whole."""
+    ids = group if group is not None else torch.tensor([prompts.index(p) for p in prompts])
+    try:
+        r = torch.as_tensor(reward(images, prompts, group=ids), dtype=torch.float32).flatten().cpu()
+        if r.shape[0] != len(prompts):
+            raise ValueError(f"reward returned {r.shape[0]} values for {len(prompts)} images")
+    except Exception:
+        r = torch.full((len(prompts),), float("nan"))
+        for g in ids.unique():
+            idx = torch.nonzero(ids == g).flatten()
+            try:
+                r[idx] = torch.as_tensor(reward(images[idx], [prompts[i] for i in idx.tolist()], group=ids[idx]),
+                                         dtype=torch.float32).flatten().cpu()
+            except Exception:
+                pass
     r = torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan")))
     return r, int(torch.isnan(r).sum())
 
@@ -197,9 +242,17 @@ def _own_chunk(model, chunk: slice, own: slice, cond: Any, uncond: Any, noise: T
     return policy, placeholder, None if uncond is None else placeholder, x1, rows
 
 
+def check_whole_groups(reward: Callable, own: slice, group_size: int) -> None:
+    """A group-wise reward must see whole groups: refuse a process share that cuts one."""
+    if getattr(reward, "groupwise", False) and (own.start % group_size or own.stop % group_size):
+        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} scores whole groups, but this process holds "
+                         f"samples {own.start}..{own.stop - 1} of groups of {group_size}; make each process's share "
+                         "of algorithm.batch_size a multiple of group_size")
+
+
 @torch.no_grad()
 def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sampler: str, num_steps: int,
-            eta: float | None, guidance_scale: float, sde_steps: Collection[int] | None, seed: int,
+            eta: float | Sequence[float] | None, guidance_scale: float, sde_steps: Collection[int] | None, seed: int,
             batch_size: int = 64, clip_sample: float = 0.0, shared_noise: bool = False,
             shard: Shard = Shard()) -> Batch:
     """Sample ``group_size`` trajectories per prompt, score them, and store everything PPO needs.
@@ -215,48 +268,63 @@ def rollout(model, prompts: list[str], reward: Callable, *, group_size: int, sam
     group = torch.arange(len(prompts)).repeat_interleave(group_size)
     n = len(all_prompts)
     own = shard.part(n)
+    check_whole_groups(reward, own, group_size)
     device = next(model.parameters()).device
     cond = model.encode_prompts(all_prompts[own])
-    uncond = model.encode_prompts([""] * (own.stop - own.start)) if guidance_scale != 1.0 else None
+    uncond = model.encode_prompts(negative_prompts(all_prompts[own])) if guidance_scale != 1.0 else None
     first = [seed + (i // group_size) * group_size if shared_noise else seed + i for i in range(n)]
     noise = seeded_noise(model.sample_shape, first[own], device)
     gen = torch.Generator(device).manual_seed(seed)
+    latents, log_probs, t, sde_mask = sample_rows(
+        model, n, own, cond, uncond, noise, gen, batch_size=batch_size, sampler=sampler, num_steps=num_steps,
+        guidance_scale=guidance_scale, eta=eta, sde_steps=sde_steps, clip_sample=clip_sample)
+    images = model.decode(latents[:, -1]).float()
+    rewards, n_failed = safe_reward(reward, images, all_prompts[own], group=group[own])
+    valid = ~torch.isnan(rewards)
+    return Batch(prompts=all_prompts[own], group=group[own], cond=cond, uncond=uncond, latents=latents,
+                 log_probs=log_probs, t=t, sde_mask=sde_mask,
+                 rewards=rewards, advantages=torch.zeros_like(rewards), valid=valid, images=images.cpu(),
+                 info={"reward_failed": float(n_failed)},
+                 eta=None if isinstance(eta, (int, float)) or eta is None else torch.as_tensor(eta).float())
 
+
+@torch.no_grad()
+def sample_rows(model, n: int, own: slice, cond: Any, uncond: Any, x_start: Tensor, generator: torch.Generator, *,
+                batch_size: int = 64, **sample_kw) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sample rows ``own`` of a global batch of ``n`` trajectories in chunks of ``batch_size``, all
+    stochastic draws from ``generator``: ``(latents [own, S+1, ...], log_probs [own, S], t [S+1],
+    sde_mask [S])``. ``cond``, ``uncond`` and ``x_start`` (the latents at the grid's first time) hold
+    rows ``own`` only; a process that owns part of a chunk replays the chunk's draws (``_own_chunk``), so
+    its rows equal those of the one-process call. ``sample_kw`` go to ``core.sampling.sample``."""
     latents, log_probs = [], []
     for i in range(0, n, batch_size):
         sl = slice(i, min(i + batch_size, n))
-        if shard.world == 1:
+        if own.start == 0 and own.stop == n:
             policy, c, u, x1, keep = (model, cond_index(cond, sl), None if uncond is None else cond_index(uncond, sl),
-                                      noise[sl], slice(None))
+                                      x_start[sl], slice(None))
         else:
-            policy, c, u, x1, keep = _own_chunk(model, sl, own, cond, uncond, noise)
-        traj = sample(policy, c, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, noise=x1,
-                      uncond=u, eta=eta, sde_steps=sde_steps, return_trajectory=True, generator=gen,
-                      clip_sample=clip_sample)
+            policy, c, u, x1, keep = _own_chunk(model, sl, own, cond, uncond, x_start)
+        traj = sample(policy, c, noise=x1, uncond=u, return_trajectory=True, generator=generator, **sample_kw)
         latents.append(traj.latents[keep])
         log_probs.append(traj.log_probs[keep])
-    latents = torch.cat(latents)
-    images = model.decode(latents[:, -1]).float()
-    rewards, n_failed = safe_reward(reward, images, all_prompts[own])
-    valid = ~torch.isnan(rewards)
-    return Batch(prompts=all_prompts[own], group=group[own], cond=cond, uncond=uncond, latents=latents,
-                 log_probs=torch.cat(log_probs), t=traj.t, sde_mask=traj.sde_mask,
-                 rewards=rewards, advantages=torch.zeros_like(rewards), valid=valid, images=images.cpu(),
-                 info={"reward_failed": float(n_failed)})
+    return torch.cat(latents), torch.cat(log_probs), traj.t, traj.sde_mask
 
 
 def gathered(batch: Batch, prompts: list[str], shard: Shard) -> Batch:
     """The epoch's rewards as one batch: ``batch`` (this process's samples) with its reward fields
     -- prompts, group ids, rewards, validity -- gathered over processes in rank order, so that
     per-group (GRPO) and per-prompt (DDPO) statistics see every sample of a group wherever it was
-    sampled. ``prompts`` are the epoch's prompts (the group ids index them). The other fields stay
-    this process's own: use the result for statistics only."""
+    sampled. ``prompts`` are the epoch's prompts (the group ids index them). ``step_rewards`` (dense
+    methods) are gathered too. The other fields stay this process's own: use the result for statistics
+    only."""
     if shard.world == 1:
         return batch
     group, rewards = shard.all(batch.group), shard.all(batch.rewards)
     valid = ~torch.isnan(rewards)
+    step_rewards = None if batch.step_rewards is None else shard.all(batch.step_rewards)
     return replace(batch, prompts=[prompts[int(g)] for g in group], group=group, rewards=rewards, valid=valid,
-                   advantages=torch.zeros_like(rewards), info={"reward_failed": float((~valid).sum())})
+                   advantages=torch.zeros_like(rewards), info={"reward_failed": float((~valid).sum())},
+                   step_rewards=step_rewards)
 
 
 def reward_stats(batch: Batch) -> dict[str, float]:

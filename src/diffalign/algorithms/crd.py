@@ -71,6 +71,7 @@ def crd_loss(loss_theta: Tensor, loss_old: Tensor, adv: Tensor, group: Tensor, s
 
 class CRD(ForwardProcessRL):
     name = "crd"
+    samples_with_policy = False  # rollouts run the sampling snapshot's weights
 
     def __init__(self, cfg: CRDConfig, *, reward: Callable, reference: Callable | None = None):
         super().__init__(cfg, reward=reward, reference=reference)
@@ -120,7 +121,7 @@ class CRD(ForwardProcessRL):
     def policy_loss(self, pred, pred_old, target, x0, x_t, alpha_sigma, t, adv, micro, model):
         l_theta, l_old = matching_loss(pred, target), matching_loss(pred_old, target)
         per = crd_loss(l_theta, l_old, adv, micro.unit.to(pred.device), self.cfg.crd_scale)
-        return per, {"matching_loss": l_theta.mean().item()}
+        return per, {"matching_loss": l_theta.mean().detach()}
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -48,14 +48,15 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..config import check_choice, check_positive, check_range
-from ..core.parametrization import cfg as cfg_combine
 from ..core.parametrization import (
     cond_cat,
     cond_index,
     from_x0_eps,
+    guidance_rule,
     guided_prediction,
     to_x0_eps,
 )
+from ..core.prompts import negative_prompts
 from ..core.steps import SAMPLERS
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import (
@@ -181,8 +182,13 @@ class OldPolicy:
         return functional_call(_unwrap(model), self.params, args, strict=False)
 
     def bind(self, model: Any) -> Callable:
-        """The old policy as a denoiser ``f(x_t, t, cond)`` (for sampling and CFG)."""
-        return lambda x_t, t, cond: self(model, x_t, t, cond)
+        """The old policy as a denoiser ``f(x_t, t, cond)`` (for sampling and CFG, which it combines
+        as its model does: ``guidance_rule``)."""
+        def old(x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+            return self(model, x_t, t, cond)
+
+        old.combine_guidance = guidance_rule(model)
+        return old
 
 
 class _OldPolicyModel(torch.nn.Module):
@@ -221,7 +227,7 @@ def finish_batch(batch: Batch, model, cfg: ForwardProcessConfig) -> Batch:
     batch.advantages = torch.where(batch.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
     batch.info.update(reward_stats(batch))
     if batch.uncond is None and (cfg.train_guidance_scale != 1.0 or cfg.kl_guidance_scale != 1.0):
-        batch.uncond = model.encode_prompts([""] * len(batch))
+        batch.uncond = model.encode_prompts(negative_prompts(batch.prompts))
     return batch
 
 
@@ -230,6 +236,11 @@ class ForwardProcessRL:
 
     name = "forward_process"
     spread_micro_batches = True  # ``loss`` has no side effects: processes may split each step's micro-batches
+
+    @property
+    def samples_with_policy(self) -> bool:
+        """Rollouts run the trained weights themselves (not the old policy's copy): LoRA may be merged."""
+        return self.cfg.sample_with == "current"
 
     def __init__(self, cfg: ForwardProcessConfig, *, reward: Callable, reference: Callable | None = None):
         if cfg.beta > 0 and reference is None:
@@ -287,7 +298,7 @@ class ForwardProcessRL:
         if not detach_uncond:
             return guided_prediction(fn, x_t, t, cond, uncond, scale)
         c, u = fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(cond, uncond)).chunk(2)
-        return cfg_combine(c, u.detach(), scale)
+        return guidance_rule(fn)(c, u.detach(), scale)
 
     def kl_term(self, pred: Tensor, x_t: Tensor, t: Tensor, cond: Any, uncond: Any) -> Tensor:
         """Velocity-space KL surrogate ``||v_theta - v_ref||^2`` against the (guided) reference."""
@@ -307,13 +318,13 @@ class ForwardProcessRL:
         adv = micro.batch.advantages[micro.idx].to(pred.device)
         per_sample, stats = self.policy_loss(pred, pred_old, target, x0, x_t, alpha_sigma, t, adv, micro, model)
         loss = per_sample.mean()
-        stats["policy_loss"] = loss.item()
+        stats["policy_loss"] = loss.detach()  # 0-d tensors: read once per epoch
         coef = self.kl_coef(micro.batch)
         if coef > 0:
             kl = self.kl_term(pred, x_t, t, cond, uncond).mean()
             loss = loss + coef * kl
-            stats["kl"], stats["kl_coef"] = kl.item(), coef
-        stats["loss"] = loss.item()
+            stats["kl"], stats["kl_coef"] = kl.detach(), coef
+        stats["loss"] = loss.detach()
         return loss, stats
 
     def policy_loss(self, pred, pred_old, target, x0, x_t, alpha_sigma, t, adv, micro, model):
@@ -373,7 +384,7 @@ class DiffusionNFT(ForwardProcessRL):
         r = optimality_probability(adv)
         per = nft_loss(pred, pred_old, x0, x_t, alpha_sigma[0], alpha_sigma[1], r, cfg.nft_beta,
                        model_prediction_type(model), cfg.adaptive_weight)
-        return per, {"optimality_mean": r.mean().item()}
+        return per, {"optimality_mean": r.mean().detach()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +424,7 @@ class AWM(ForwardProcessRL):
         cfg = self.cfg
         l_theta, l_old = matching_loss(pred, target), matching_loss(pred_old, target)
         per = awm_loss(l_theta, l_old, adv, time_weight(t.float(), cfg.weighting), cfg.clip_range)
-        return per, {"matching_loss": l_theta.mean().item()}
+        return per, {"matching_loss": l_theta.mean().detach()}
 
 
 PRESETS: dict[str, tuple[type, type, dict]] = {

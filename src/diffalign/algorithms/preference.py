@@ -55,6 +55,7 @@ from ..core.parametrization import (
     from_x0_eps,
     guided_prediction,
 )
+from ..core.prompts import negative_prompts
 from ..core.steps import SAMPLERS
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import reward_stats, rollout
@@ -102,8 +103,9 @@ def mapo_loss(err_w: Tensor, err_l: Tensor, beta: float, gamma: float, T: float)
 
 # ----- denoising errors and timesteps --------------------------------------------------------------
 def denoising_error(model: Callable, x0: Tensor, t: Tensor, noise: Tensor, cond: Any, *, schedule: Any,
-                    prediction_type: str, error_space: str = "native") -> Tensor:
-    """``||target - prediction||^2`` averaged over non-batch dims, for ``x_t = alpha x_0 + sigma noise``.
+                    prediction_type: str, error_space: str = "native", reduce: bool = True) -> Tensor:
+    """``||target - prediction||^2`` averaged over non-batch dims, for ``x_t = alpha x_0 + sigma noise``
+    (``reduce=False``: the residual ``prediction - target`` itself, ``[B, ...]``).
 
     The prediction is converted to ``error_space`` (``native``: the model's own type) and compared
     with that space's target built from ``(x_0, noise)``.
@@ -115,7 +117,7 @@ def denoising_error(model: Callable, x0: Tensor, t: Tensor, noise: Tensor, cond:
     space = prediction_type if error_space == "native" else error_space
     pred = convert(model(x_t, t, cond).float(), x_t, alpha, sigma, prediction_type, space)
     target = from_x0_eps(x0, noise, alpha, sigma, space)
-    return (pred - target).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    return (pred - target).pow(2).mean(dim=tuple(range(1, x0.ndim))) if reduce else pred - target
 
 
 def sample_timesteps(schedule: Any, n: int, generator: torch.Generator, dist: str = "uniform") -> Tensor:
@@ -143,7 +145,8 @@ class PreferenceConfig:
     timestep_sampling: str = "uniform"  # t ~ U(0, 1) (the papers'); logit_normal for flow models
     train_guidance_scale: float = 1.0  # 1: errors of the conditional model (the papers); w > 1: of the CFG-guided one
     uncond_fraction: float = 0.0  # share of pairs trained on the empty prompt (CFG dropout); 0: conditional only
-    micro_batch_size: int = 16  # pairs (or unpaired samples) per forward pass
+    timesteps_per_pair: int = 1  # (t, noise) draws per pair (or unpaired sample) per pass, trained in the same passes
+    micro_batch_size: int = 16  # pair rows (pair x draw; unpaired: 2 samples a row) per forward pass
     steps_per_epoch: int = 1  # optimiser steps per pass over the epoch's pairs
     inner_epochs: int = 1  # passes over each epoch's pairs (fresh t and noise each pass)
 
@@ -153,7 +156,7 @@ class PreferenceConfig:
             raise ValueError("source 'file' needs `data`: a pairs .jsonl, .parquet or directory")
         if self.data and self.source != "file":
             raise ValueError(f"data={self.data!r} is read only with source 'file', got source {self.source!r}")
-        for name in ("pairs_per_epoch", "micro_batch_size", "steps_per_epoch", "inner_epochs"):
+        for name in ("pairs_per_epoch", "timesteps_per_pair", "micro_batch_size", "steps_per_epoch", "inner_epochs"):
             check_positive(name, getattr(self, name), integer=True)
         check_range("group_size", self.group_size, 2, None, integer=True)
         check_range("min_margin", self.min_margin, 0, None)
@@ -237,6 +240,7 @@ class PairBatch:
     schedule: Any  # the model's noise schedule (timesteps are drawn on it)
     rewards: Tensor | None = None  # [N] the reward that labelled on-policy samples (None for a file)
     info: dict[str, float] = field(default_factory=dict)
+    source_pairs: list | None = None  # file source: the PreferencePair behind chosen[i] / rejected[i]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -292,6 +296,11 @@ class PairedPreference:
     name = "preference"
     uses_reference = True
 
+    @property
+    def samples_with_policy(self) -> bool:
+        """Pairs sampled by the trained weights without gradient (LoRA may be merged for it)."""
+        return self.cfg.source == "policy"
+
     def __init__(self, cfg: PreferenceConfig, *, reward: Callable, reference: Callable | None = None):
         if self.uses_reference and reference is None:
             raise ValueError(f"{self.name} needs a reference model (beta={getattr(cfg, 'beta', None)})")
@@ -319,12 +328,12 @@ class PairedPreference:
         chosen, rejected = self.select(b.rewards, b.group)
         info = {**reward_stats(b), "pairs": float(len(chosen)), "reward_failed": b.info["reward_failed"]}
         return PairBatch(prompts=b.prompts, pixels=to_pixels(b.images), x0=b.latents[:, -1], cond=b.cond,
-                         uncond=self._uncond(model, len(b.prompts)), chosen=chosen, rejected=rejected,
+                         uncond=self._uncond(model, b.prompts), chosen=chosen, rejected=rejected,
                          schedule=model_schedule(model), rewards=b.rewards, info=info)
 
-    def _uncond(self, model, n: int) -> Any:
+    def _uncond(self, model, prompts: list[str]) -> Any:
         needed = self.cfg.train_guidance_scale != 1.0 or self.cfg.uncond_fraction > 0
-        return _unwrap(model).encode_prompts([""] * n) if needed else None
+        return _unwrap(model).encode_prompts(negative_prompts(prompts)) if needed else None
 
     def _load_file(self) -> list:
         if self._file_pairs is None:
@@ -358,8 +367,8 @@ class PairedPreference:
         prompts = [p.prompt for p in pick] * 2
         M = len(pick)
         return PairBatch(prompts=prompts, pixels=pixels.contiguous(), x0=x0, cond=base.encode_prompts(prompts),
-                         uncond=self._uncond(base, 2 * M), chosen=torch.arange(M), rejected=torch.arange(M, 2 * M),
-                         schedule=base.schedule, info={"pairs": float(M)})
+                         uncond=self._uncond(base, prompts), chosen=torch.arange(M), rejected=torch.arange(M, 2 * M),
+                         schedule=base.schedule, info={"pairs": float(M)}, source_pairs=pick)
 
     # -- update plan -----------------------------------------------------------------------------
     def _draw(self, batch: PairBatch, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -371,23 +380,29 @@ class PairedPreference:
         return t.to(batch.x0.device), noise.to(batch.x0.device), dropped
 
     def minibatches(self, batch: PairBatch, generator: torch.Generator) -> Iterator[list[PairMicroBatch]]:
-        """Pairs in random order, ``steps_per_epoch`` chunks; a pair's two samples share ``t`` and noise."""
+        """Pairs in random order, ``steps_per_epoch`` chunks; a pair's two samples share ``t`` and noise.
+        Each pair enters ``timesteps_per_pair`` times with its own draws; the micro-batches cut the
+        rows (pair x draw), so both images of a pair at several ``t`` share one forward pass."""
         M = len(batch.chosen)
         if M == 0:  # every prompt tied: nothing to learn from this epoch
             return
         perm = torch.randperm(M, generator=generator)
         for chunk in perm.chunk(min(self.cfg.steps_per_epoch, M)):
-            micros = []
-            for sel in chunk.split(self.cfg.micro_batch_size):
-                t, noise, dropped = self._draw(batch, len(sel), generator)
-                idx = torch.cat([batch.chosen[sel], batch.rejected[sel]])
-                micros.append(PairMicroBatch(batch, idx, torch.cat([t, t]), torch.cat([noise, noise]),
-                                             dropped=torch.cat([dropped, dropped])))
-            yield micros
+            yield [self._micro(batch, sel, generator)
+                   for sel in chunk.repeat(self.cfg.timesteps_per_pair).split(self.cfg.micro_batch_size)]
+
+    def _micro(self, batch: PairBatch, sel: Tensor, generator: torch.Generator) -> PairMicroBatch:
+        """The micro-batch of pair rows ``sel`` (a pair may appear once per draw): chosen half, then
+        rejected half, each row's two images sharing ``t`` and noise."""
+        t, noise, dropped = self._draw(batch, len(sel), generator)
+        idx = torch.cat([batch.chosen[sel], batch.rejected[sel]])
+        return PairMicroBatch(batch, idx, torch.cat([t, t]), torch.cat([noise, noise]),
+                              dropped=torch.cat([dropped, dropped]))
 
     # -- loss ----------------------------------------------------------------------------------------
-    def errors(self, model, micro: PairMicroBatch, *, reference: bool = False) -> Tensor:
-        """Per-sample denoising errors of the policy (or, without gradient, of the reference)."""
+    def errors(self, model, micro: PairMicroBatch, *, reference: bool = False, reduce: bool = True) -> Tensor:
+        """Per-sample denoising errors of the policy (or, without gradient, of the reference);
+        ``reduce=False``: the residuals ``prediction - target`` (``[n, ...]``)."""
         b, w = micro.batch, self.cfg.train_guidance_scale
         x0, cond = b.x0[micro.idx], cond_index(b.cond, micro.idx)
         uncond = None if b.uncond is None else cond_index(b.uncond, micro.idx)
@@ -395,7 +410,7 @@ class PairedPreference:
             cond = cond_map(lambda c, u: torch.where(micro.dropped.to(c.device).view(-1, *[1] * (c.ndim - 1)), u, c),
                             cond, uncond)
         kw = {"schedule": model_schedule(model), "prediction_type": model_prediction_type(model),
-              "error_space": self.cfg.error_space}
+              "error_space": self.cfg.error_space, "reduce": reduce}
 
         def err(m):
             return denoising_error(lambda x_t, t, c: guided_prediction(m, x_t, t, c, uncond, w), x0, micro.t,
@@ -435,7 +450,7 @@ class DiffusionKTO(PairedPreference):
         perm = torch.randperm(len(idx), generator=generator)
         for chunk in perm.chunk(min(self.cfg.steps_per_epoch, len(idx))):
             micros = []
-            for sel in chunk.split(2 * self.cfg.micro_batch_size):  # as many samples as a pair micro-batch
+            for sel in chunk.repeat(self.cfg.timesteps_per_pair).split(2 * self.cfg.micro_batch_size):  # as a pair
                 t, noise, dropped = self._draw(batch, len(sel), generator)
                 micros.append(PairMicroBatch(batch, idx[sel], t, noise, desirable[sel], dropped))
             yield micros

@@ -43,6 +43,7 @@ from ..core.parametrization import (
     guided_prediction,
     to_x0_eps,
 )
+from ..core.prompts import negative_prompts
 from ..core.sampling import Trajectory, sample, seeded_noise
 from ..core.steps import SAMPLERS, get_step
 from ..worlds import shapes
@@ -233,7 +234,7 @@ class RewardGradient:
         cfg, m = self.cfg, _unwrap(model)
         device = next(m.parameters()).device
         cond = m.encode_prompts(list(prompts))
-        uncond = m.encode_prompts([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
+        uncond = m.encode_prompts(negative_prompts(prompts)) if cfg.guidance_scale != 1.0 else None
         noise = seeded_noise(m.sample_shape, [seed + i for i in range(len(prompts))], device)
         batch = GradientBatch(list(prompts), cond, uncond, noise, seed)
         if cfg.beta > 0:

@@ -20,6 +20,13 @@ ratio leaves the interval). Log-probs are averaged over dimensions (the DDPO con
   model's predicted ``x_0`` from each candidate); the best and worst form the step's pair if their
   scores differ by more than ``threshold``; the trajectory continues from a random candidate (the
   step-wise resampler), so each step's comparison is independent of the previous ones.
+- **IPR** (2025, "Refining Alignment Framework for Diffusion Models with Intermediate-Step Preference
+  Ranking"; its method is TailorPO): the preference of two intermediate samples drawn from the same
+  ``x_t`` is ranked directly by their own step-wise reward (the reward of each one's predicted
+  ``x_0``), not inherited from the final images -- which keeps the DPO gradient pointing the right
+  way -- and the trajectory continues from the preferred one. SPO's sampler with
+  ``num_candidates: 2, continue_from: best`` (the ``ipr`` preset); TailorPO's optional gradient
+  guidance of the pair (TailorPO-G) is not implemented.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from torch import Tensor
 
 from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_cat, cond_index, guided_prediction, to_x0_eps
+from ..core.prompts import negative_prompts
 from ..core.sampling import seeded_noise
 from ..core.steps import SAMPLERS, get_step
 from ._policy_gradient import model_prediction_type, model_schedule
@@ -101,11 +109,13 @@ class SPOConfig(StepwiseConfig):
     num_candidates: int = 4  # K: candidates x_{t'} drawn from each x_t
     threshold: float = 0.1  # score gap a step pair needs (SPO's compare threshold)
     step_reward: str = ""  # registry name of the step-aware preference (on the predicted x0); "" = the training reward
+    continue_from: str = "random"  # the candidate the trajectory continues from: random (SPO) | best (IPR / TailorPO)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("num_candidates", self.num_candidates, 2, None, integer=True)
         check_range("threshold", self.threshold, 0, None)
+        check_choice("continue_from", self.continue_from, ["random", "best"])
 
 
 @dataclass
@@ -138,6 +148,7 @@ class StepMicroBatch:
 
 class StepwisePreference:
     name = "stepwise"
+    samples_with_policy = True  # rollouts run the trained weights without gradient (LoRA may be merged)
 
     def __init__(self, cfg: StepwiseConfig, *, reward: Callable, reference: Callable | None = None):
         if reference is None:
@@ -216,16 +227,34 @@ class SPO(StepwisePreference):
         else:
             self.step_reward = reward
 
+    def score_candidates(self, model, cand: Tensor, t_prev: Tensor, cond_k: Any, uncond_k: Any,
+                         prompts: list[str]) -> tuple[Tensor, int]:
+        """Step-aware preference scores ``[K N]`` of the candidates: the step reward of each one's
+        predicted ``x0`` (at the last step the candidate is the image), and the failure count."""
+        if t_prev > 0:
+            a, s = model_schedule(model).alpha_sigma(t_prev)
+            out_c = guided_prediction(model, cand, t_prev.float().expand(len(cand)).to(cand.device), cond_k, uncond_k,
+                                      self.cfg.guidance_scale)
+            x0_hat = to_x0_eps(out_c, cand, a.float(), s.float(), model_prediction_type(model))[0]
+        else:
+            x0_hat = cand
+        return safe_reward(self.step_reward, model.decode(x0_hat).float(), prompts)
+
+    def pair_ok(self, gap: Tensor, t_prev: Tensor) -> Tensor:
+        """Which of the step's best-worst gaps ``[N]`` form a pair."""
+        return torch.isfinite(gap) & (gap > self.cfg.threshold)
+
     @torch.no_grad()
     def collect(self, model, prompts: list[str], *, epoch: int, seed: int) -> StepPairBatch:
-        """SPO's sampler: K candidates per step, ranked on their predicted x0, resampled at random."""
+        """SPO's sampler: K candidates per step, ranked on their predicted x0; the trajectory goes on
+        from a random candidate (SPO) or the best one (``continue_from: best``, IPR)."""
         cfg, K, N = self.cfg, self.cfg.num_candidates, len(prompts)
         schedule, ptype = model_schedule(model), model_prediction_type(model)
         device = next(model.parameters()).device
         gen = torch.Generator(device).manual_seed(seed)
         pick = torch.Generator().manual_seed(seed + 1)
         cond = model.encode_prompts(prompts)
-        uncond = model.encode_prompts([""] * N) if cfg.guidance_scale != 1.0 else None
+        uncond = model.encode_prompts(negative_prompts(prompts)) if cfg.guidance_scale != 1.0 else None
         cond_k = cond_cat(*[cond] * K)
         uncond_k = None if uncond is None else cond_cat(*[uncond] * K)
         ts = schedule.timesteps(cfg.num_steps)
@@ -238,19 +267,12 @@ class SPO(StepwisePreference):
             out = guided_prediction(model, x, t.float().expand(N).to(device), cond, uncond, cfg.guidance_scale)
             x_rep, out_rep = torch.cat([x] * K), torch.cat([out] * K)  # candidate k of sample i at k * N + i
             cand = self.step_fn(x_rep, out_rep, t, t_prev, generator=gen, **kw).prev_sample
-            if t_prev > 0:
-                a, s = schedule.alpha_sigma(t_prev)
-                out_c = guided_prediction(model, cand, t_prev.float().expand(K * N).to(device), cond_k, uncond_k,
-                                          cfg.guidance_scale)
-                x0_hat = to_x0_eps(out_c, cand, a.float(), s.float(), ptype)[0]
-            else:
-                x0_hat = cand
-            scores, failed = safe_reward(self.step_reward, model.decode(x0_hat).float(), prompts * K)
+            scores, failed = self.score_candidates(model, cand, t_prev, cond_k, uncond_k, prompts * K)
             n_failed += failed
             scores = scores.view(K, N)
             best, worst = scores.nan_to_num(-float("inf")).argmax(0), scores.nan_to_num(float("inf")).argmin(0)
             gap = scores.gather(0, best[None])[0] - scores.gather(0, worst[None])[0]
-            ok = torch.nonzero(torch.isfinite(gap) & (gap > cfg.threshold)).flatten()
+            ok = torch.nonzero(self.pair_ok(gap, t_prev)).flatten()
             gaps.append(torch.nan_to_num(gap).mean().item())
             cand = cand.view(K, N, *cand.shape[1:])
             rows["owner"].append(ok)
@@ -258,7 +280,8 @@ class SPO(StepwisePreference):
             rows["x_t"].append(x[ok])
             rows["x_w"].append(cand[best[ok].to(device), ok.to(device)])
             rows["x_l"].append(cand[worst[ok].to(device), ok.to(device)])
-            x = cand[torch.randint(0, K, (N,), generator=pick).to(device), torch.arange(N, device=device)]
+            follow = best if cfg.continue_from == "best" else torch.randint(0, K, (N,), generator=pick)
+            x = cand[follow.to(device), torch.arange(N, device=device)]
         images = model.decode(x).float()
         final, failed = safe_reward(self.reward, images, prompts)
         r = final[torch.isfinite(final)]
@@ -273,4 +296,5 @@ class SPO(StepwisePreference):
 PRESETS: dict[str, tuple[type, type, dict]] = {
     "d3po": (D3POConfig, D3PO, {}),
     "spo": (SPOConfig, SPO, {}),
+    "ipr": (SPOConfig, SPO, {"num_candidates": 2, "continue_from": "best"}),
 }

@@ -34,7 +34,9 @@ from torch import Tensor
 
 from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_index, guided_prediction, to_x0_eps
+from ..core.prompts import negative_prompts
 from ..core.sampling import sample, seeded_noise
+from ._aux_net import AuxNet
 from ._policy_gradient import _unwrap
 from .reward_gradient import GradientBatch, check_batching, require_differentiable
 
@@ -130,33 +132,28 @@ class VGGFlow:
         if reference is None:
             raise ValueError("vgg_flow needs the pretrained velocity v_base: a reference model (beta > 0)")
         self.cfg, self.reward, self.reference = cfg, reward, reference
-        self.nu: _ValueResidual | None = None
-        self.nu_opt: torch.optim.Optimizer | None = None
-        self._pending: dict | None = None
+        self.aux = AuxNet(("nu", "opt"))
 
     # -- value-gradient network -------------------------------------------------------------------
+    @property
+    def nu(self) -> _ValueResidual | None:
+        return self.aux.net
+
+    @property
+    def nu_opt(self) -> torch.optim.Optimizer | None:
+        return self.aux.opt
+
     def _init_value_net(self, model) -> None:
         if not self.cfg.value_net or self.nu is not None:
             return
-        self.nu = _ValueResidual(model)
-        self.nu_opt = torch.optim.Adam([p for p in self.nu.parameters() if p.requires_grad], lr=self.cfg.value_lr)
-        if self._pending is not None:
-            self.load_state_dict(self._pending)
+        nu = _ValueResidual(model)
+        self.aux.build(nu, torch.optim.Adam([p for p in nu.parameters() if p.requires_grad], lr=self.cfg.value_lr))
 
     def state_dict(self) -> dict:
-        if self.nu is None:
-            return {}
-        return {"nu": {k: v.detach().cpu() for k, v in self.nu.state_dict().items()}, "opt": self.nu_opt.state_dict()}
+        return self.aux.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if self.nu is None:  # built at the first collect, from the model
-            self._pending = state
-            return
-        self.nu.load_state_dict(state["nu"])
-        self.nu_opt.load_state_dict(state["opt"])
-        self._pending = None
+        self.aux.load_state_dict(state)
 
     # -- the Algorithm protocol -------------------------------------------------------------------
     def collect(self, model, prompts: list[str], *, epoch: int, seed: int) -> FlowBatch:
@@ -168,7 +165,7 @@ class VGGFlow:
         device = next(m.parameters()).device
         with torch.no_grad():
             cond = m.encode_prompts(list(prompts))
-            uncond = m.encode_prompts([""] * len(prompts)) if cfg.guidance_scale != 1.0 else None
+            uncond = m.encode_prompts(negative_prompts(prompts)) if cfg.guidance_scale != 1.0 else None
             noise = seeded_noise(m.sample_shape, [seed + i for i in range(len(prompts))], device)
             traj = sample(m, cond, sampler="flow_ode", num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                           noise=noise, uncond=uncond, return_trajectory=True)

@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
                                                     help="Register annotator NAME, print its token and exit."),
         export: Optional[Path] = typer.Option(None, "--export", help="Write the majority-vote pairs to this JSONL "
                                                                      "file and exit."),
+        per_annotator: bool = typer.Option(False, "--per-annotator",
+                                           help="With --export: one line per annotator's a/b vote (with that "
+                                                "annotator) instead of one majority-vote line per pair."),
     ) -> None:
         """Serve a web page on which people label preference pairs; or add an annotator; or export the votes."""
         from ..data.votes import PairSet, VoteStore, export_votes, read_tokens_file
@@ -37,6 +40,13 @@ def register(app: typer.Typer) -> None:
             typer.echo(token)
             typer.echo(f"annotator {add_annotator!r} added to {db}; they open http://HOST:PORT/?token={token}",
                        err=True)
+            return
+        if per_annotator and export is None:
+            fail("--per-annotator applies to --export FILE")
+        if export is not None and per_annotator:
+            s = export_votes(pairs_dir, db, export, per_annotator=True)
+            typer.echo(f"wrote {s['pairs']} per-annotator pairs to {export} from {s['votes']} votes "
+                       f"({s['left_out']} tie, skip or unknown-pair votes left out)")
             return
         if export is not None:
             s = export_votes(pairs_dir, db, export)

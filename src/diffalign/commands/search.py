@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., help="Short name (shapes-flow, shapes-vp) or model directory."),
         reward: str = typer.Option(..., help="Registered reward name, e.g. shapes, shapes_soft, brightness."),
         out: Path = typer.Option(..., help="Output directory for PNGs, samples.jsonl and summary.json."),
-        prompts: Optional[Path] = typer.Option(None, help="File with one prompt per line."),
+        prompts: Optional[Path] = typer.Option(None, help="File with one prompt per line, or JSONL lines "
+                                               '{"prompt": ..., "image": PATH} for image-conditioned models.'),
         prompt: Optional[str] = typer.Option(None, help="A single prompt."),
         tuned: Optional[Path] = typer.Option(None, help="rlg: fine-tuned model directory or `diffalign train` run."),
         weight: Optional[float] = typer.Option(None, help="rlg: guidance weight w (1 = tuned, >1 extrapolates)."),
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
         result = search.run(method, base, texts, r, budget=budget, tuned=tuned_model,
                             num_images_per_prompt=num_per_prompt, seed=seed, sampler=sampler, num_steps=steps,
                             guidance_scale=guidance, eta=eta, **opts)
-        summary = search.save_result(result, out)
+        summary = search.save_result(result, out, fps=getattr(base, "fps", 8.0))
         t = result.trace
         line = (f"{method}: wrote {summary['images']} images to {out}; spent {result.nfe} of {budget} NFE "
                 f"({t['nfe_per_image']:.1f} per image; {t['sampler']}, {t['num_steps']} steps, guidance "

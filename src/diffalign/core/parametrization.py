@@ -118,13 +118,32 @@ def cond_map(fn: Callable[..., Tensor], *conds: Any) -> Any:
 
 
 def cond_cat(*conds: Any) -> Any:
-    """Concatenate conditionings along the batch dimension."""
+    """Concatenate conditionings along the batch dimension. A container type that defines a
+    ``cond_cat`` classmethod concatenates itself (e.g. padding token sequences of different
+    lengths under a mask)."""
+    own = getattr(type(conds[0]), "cond_cat", None)
+    if own is not None:
+        return own(conds)
     return cond_map(lambda *xs: torch.cat(xs, dim=0), *conds)
 
 
 def cond_index(cond: Any, index: Tensor | slice) -> Any:
     """Select batch rows of a conditioning (``index`` a slice or a LongTensor)."""
     return cond_map(lambda x: x[index], cond)
+
+
+def guidance_rule(model: Any) -> Callable[[Tensor, Tensor, float], Tensor]:
+    """How ``model`` combines its conditional and unconditional predictions: its own
+    ``combine_guidance(cond_out, uncond_out, w)`` when it defines one (Qwen-Image renormalises the
+    guided prediction to the conditional one's norm), else :func:`cfg`. Wrappers that keep the
+    model in ``.module`` (DDP, FSDP) are looked through; peft forwards attributes itself."""
+    m = model
+    while m is not None:
+        rule = getattr(m, "combine_guidance", None)
+        if rule is not None:
+            return rule
+        m = getattr(m, "module", None)
+    return cfg
 
 
 def guided_prediction(
@@ -146,8 +165,9 @@ def guided_prediction(
         if guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale} needs an unconditional `uncond` (got None)")
         return model(x_t, t, cond)
+    combine = guidance_rule(model)
     if negative_model is not None:
-        return cfg(model(x_t, t, cond), negative_model(x_t, t, uncond), guidance_scale)
+        return combine(model(x_t, t, cond), negative_model(x_t, t, uncond), guidance_scale)
     out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(cond, uncond))
     c, u = out.chunk(2)
-    return cfg(c, u, guidance_scale)
+    return combine(c, u, guidance_scale)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Collection, Protocol, runtime_checkable
+from typing import Any, Collection, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .parametrization import check_prediction_type, guided_prediction
+from .prompts import negative_prompts
 from .schedules import Schedule
 from .steps import DEFAULT_ETA, ODE_COUNTERPART, get_step
 
@@ -68,7 +69,7 @@ def sample(
     guidance_scale: float = 1.0,
     noise: Tensor,
     uncond: Any = None,
-    eta: float | None = None,
+    eta: float | Sequence[float] | Tensor | None = None,
     sde_steps: Collection[int] | None = None,
     return_trajectory: bool = False,
     grad: bool | Collection[int] = False,
@@ -77,11 +78,13 @@ def sample(
     checkpoint: bool = False,
     clip_sample: float = 0.0,
     negative_model: Any = None,
+    timesteps: Tensor | None = None,
 ) -> Trajectory:
     """Sample from ``model`` starting at ``noise`` (``x_1``).
 
     sampler: one of ``ddim``, ``flow_ode``, ``flow_sde``, ``dance_sde``, ``cps``.
-    eta: the sampler's noise level (default per sampler: ddim 1.0, flow_sde 0.7, dance_sde 0.3, cps 0.7).
+    eta: the sampler's noise level (default per sampler: ddim 1.0, flow_sde 0.7, dance_sde 0.3, cps 0.7);
+        a sequence of ``num_steps`` values gives each step its own (DenseGRPO's per-step calibration).
     sde_steps: indices of the steps that use ``sampler``; the others use its deterministic
         counterpart (MixGRPO's sliding window, Flow-GRPO-Fast). ``None``: every step.
     guidance_scale / uncond: classifier-free guidance; ``uncond`` is the model's encoding of the
@@ -95,6 +98,9 @@ def sample(
         epsilon models); 0 = off.
     negative_model: a denoiser for the unconditional branch of guidance (Diffusion-NPO); see
         :func:`~diffalign.core.parametrization.guided_prediction`.
+    timesteps: an explicit decreasing time grid ``[S + 1]`` that replaces the schedule's grid (and
+        ``num_steps = S``): ``noise`` is then the latent at ``timesteps[0]``, so a trajectory can be
+        continued from any intermediate latent, on any sub-grid (branching rollouts, ODE completions).
     """
     step_fn = get_step(sampler)
     ode_fn = get_step(ODE_COUNTERPART[sampler])
@@ -105,8 +111,14 @@ def sample(
         step_kw["clip_sample"] = clip_sample
     check_prediction_type(model.prediction_type)
     schedule = schedule or model.schedule
-    ts = time_grid(model, num_steps, schedule)
-    eta = DEFAULT_ETA[sampler] if eta is None else eta
+    if timesteps is None:
+        ts = time_grid(model, num_steps, schedule)
+    else:
+        ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+        if len(ts) < 2 or torch.any(ts[1:] >= ts[:-1]):
+            raise ValueError(f"timesteps must be a decreasing grid of at least 2 times, got {ts.tolist()}")
+        num_steps = len(ts) - 1
+    etas = _per_step_eta(DEFAULT_ETA[sampler] if eta is None else eta, num_steps)
     sde_set = set(range(num_steps)) if sde_steps is None else {int(i) for i in sde_steps}
     if any(not 0 <= i < num_steps for i in sde_set):
         raise ValueError(f"sde_steps must be indices in [0, {num_steps}), got {sorted(sde_set)}")
@@ -120,9 +132,9 @@ def sample(
     sde_mask = torch.tensor([i in sde_set for i in range(num_steps)])
     for i in range(num_steps):
         t, t_prev = ts[i], ts[i + 1]
-        stochastic = i in sde_set and (sampler != "ddim" or eta > 0)
+        stochastic = i in sde_set and (sampler != "ddim" or etas[i] > 0)
         fn = step_fn if i in sde_set else ode_fn
-        step_eta = eta if i in sde_set else 0.0
+        step_eta = etas[i] if i in sde_set else 0.0
         with contextlib.nullcontext() if i in grad_set else torch.no_grad():
             if i not in grad_set:
                 x = x.detach()
@@ -137,6 +149,8 @@ def sample(
             step = fn(x, out, t, t_prev, eta=step_eta, generator=generator, schedule=schedule,
                       prediction_type=model.prediction_type, **step_kw)
         x = step.prev_sample
+        if stochastic and not bool((step.std > 0).any()):  # DDIM / CPS into t = 0: no noise, no policy step
+            stochastic = False
         if stochastic:
             log_probs[:, i] = step.log_prob.detach()
         sde_mask[i] = stochastic
@@ -149,6 +163,16 @@ def sample(
         t=ts,
         sde_mask=sde_mask,
     )
+
+
+def _per_step_eta(eta: float | Sequence[float] | Tensor, num_steps: int) -> list[float]:
+    """One noise level per step from a scalar or a sequence of ``num_steps`` values."""
+    if isinstance(eta, (int, float)):
+        return [float(eta)] * num_steps
+    etas = [float(e) for e in torch.as_tensor(eta).flatten().tolist()]
+    if len(etas) != num_steps:
+        raise ValueError(f"eta must be a number or {num_steps} per-step values, got {len(etas)} values")
+    return etas
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device | str = "cpu",
@@ -178,7 +202,7 @@ def generate(model: Any, prompts: list[str], seeds: list[int], *, sampler: str =
         for i in range(0, len(prompts), batch_size):
             p, s = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
             cond = model.encode_prompts(p)
-            uncond = model.encode_prompts([""] * len(p)) if guidance_scale != 1.0 else None
+            uncond = model.encode_prompts(negative_prompts(p)) if guidance_scale != 1.0 else None
             noise = seeded_noise(model.sample_shape, s, device)
             traj = sample(model, cond, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                           noise=noise, uncond=uncond, eta=eta, generator=torch.Generator(device).manual_seed(s[0]),

@@ -45,11 +45,15 @@ class FlowSchedule:
         diffusers' ``FlowMatchEulerDiscreteScheduler`` grid when given that scheduler's
         ``sigma_min`` attribute (which it stores already shifted, ``shift(1 / T)``); if 0 the grid
         is ``shift(linspace(1, 0, N + 1))`` (the Flow-GRPO convention).
+    shift_terminal: if > 0, the ``N`` nonzero grid points after shifting are stretched so the last
+        of them is ``shift_terminal`` (``1 - t`` scaled by a constant; LTX-Video's and Qwen-Image's
+        schedules, diffusers' ``stretch_shift_to_terminal``); 0 ends the grid as above.
     """
 
     shift: float = 1.0
     sigma_min: float = 0.0
     kind: str = "flow"
+    shift_terminal: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.shift > 0:
@@ -58,15 +62,21 @@ class FlowSchedule:
             raise ValueError(f"sigma_min must be in [0, 1), got {self.sigma_min}")
         if self.kind != "flow":
             raise ValueError(f"FlowSchedule.kind must be 'flow', got {self.kind!r}")
+        if not 0 <= self.shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in [0, 1), got {self.shift_terminal}")
 
     def timesteps(self, num_steps: int) -> Tensor:
         """Time grid ``[num_steps + 1]`` from 1 (noise) down to 0 (data), float64."""
         _check_num_steps(num_steps)
         if self.sigma_min > 0:
             base = torch.linspace(1.0, self.sigma_min, num_steps, dtype=torch.float64)
-            return torch.cat([shift_time(base, self.shift), torch.zeros(1, dtype=torch.float64)])
-        base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-        return shift_time(base, self.shift)
+        else:
+            base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
+        grid = shift_time(base, self.shift)
+        if self.shift_terminal > 0 and num_steps > 1:
+            one_minus = 1 - grid
+            grid = 1 - one_minus * (1 - self.shift_terminal) / one_minus[-1]
+        return torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
 
     def alpha_sigma(self, t: float | Tensor) -> tuple[Tensor, Tensor]:
         t = _as_tensor(t)
@@ -90,6 +100,11 @@ class VPSchedule:
 
     beta_schedule: ``linear`` (DDPM), ``scaled_linear`` (Stable Diffusion: linear in sqrt(beta)),
         ``squaredcos_cap_v2`` (cosine, Nichol & Dhariwal 2021).
+    snr_shift_scale: ``s``: ``abar <- abar / (s + (1 - s) abar)``, which divides the SNR by ``s``
+        at every step (CogVideoX's "SNR shift following SD3"); 1 = none.
+    zero_terminal_snr: rescale ``sqrt(abar)`` so the last training step is pure noise (``abar = 0``
+        at ``t = 1``; Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+        Flawed", Algorithm 1). Applied after the SNR shift, as CogVideoX does.
     """
 
     beta_schedule: str = "linear"
@@ -97,6 +112,8 @@ class VPSchedule:
     beta_end: float = 0.02
     num_train_timesteps: int = 1000
     kind: str = "vp"
+    snr_shift_scale: float = 1.0
+    zero_terminal_snr: bool = False
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in BETA_SCHEDULES:
@@ -109,6 +126,8 @@ class VPSchedule:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {self.num_train_timesteps!r}")
         if self.kind != "vp":
             raise ValueError(f"VPSchedule.kind must be 'vp', got {self.kind!r}")
+        if not self.snr_shift_scale > 0:
+            raise ValueError(f"snr_shift_scale must be > 0, got {self.snr_shift_scale}")
 
     @cached_property
     def betas(self) -> Tensor:
@@ -124,7 +143,14 @@ class VPSchedule:
 
     @cached_property
     def alphas_cumprod(self) -> Tensor:
-        return torch.cumprod(1 - self.betas, dim=0)
+        abar = torch.cumprod(1 - self.betas, dim=0)
+        if self.snr_shift_scale != 1.0:
+            abar = abar / (self.snr_shift_scale + (1 - self.snr_shift_scale) * abar)
+        if self.zero_terminal_snr:
+            root = abar.sqrt()
+            first, last = root[0].clone(), root[-1].clone()
+            abar = ((root - last) * first / (first - last)) ** 2
+        return abar
 
     @cached_property
     def _log_abar_grid(self) -> Tensor:
@@ -155,7 +181,10 @@ class VPSchedule:
         pos = t.to(torch.float64) * self.num_train_timesteps
         lo = torch.clamp(pos.floor().long(), 0, self.num_train_timesteps - 1)
         w = pos - lo
-        out = grid[lo] * (1 - w) + grid[lo + 1] * w
+        a, b = grid[lo], grid[lo + 1]
+        out = a * (1 - w) + b * w
+        if self.zero_terminal_snr:  # log abar = -inf at t = 1: interpolate abar itself in the last interval
+            out = torch.where(torch.isinf(b), torch.log(a.exp() * (1 - w)), out)
         return out.to(t.dtype) if t.is_floating_point() else out
 
     def alpha_sigma(self, t: float | Tensor) -> tuple[Tensor, Tensor]:

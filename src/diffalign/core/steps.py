@@ -9,7 +9,8 @@ Time runs from ``t`` down to ``t_prev < t``. Each step is a Gaussian transition
 drawn with ``noise`` (a standard normal tensor) or from ``generator``.
 
 ``log_prob`` is the Gaussian log-density of ``prev_sample`` averaged over all non-batch
-dimensions (the DDPO / Flow-GRPO convention). A deterministic step (``std == 0``: ODE steps,
+dimensions (the DDPO / Flow-GRPO convention). ``eta`` may be a tensor ``[B]``: a noise level per
+row (rows of different steps whose levels differ). A deterministic step (``std == 0``: ODE steps,
 or the last step into ``t_prev = 0`` of DDIM/CPS) has ``log_prob = 0``: it adds nothing to the
 likelihood of a trajectory.
 """
@@ -70,7 +71,13 @@ def _validate(x_t, model_output, t, t_prev, eta, eta_range, noise, prev_sample, 
         if other is not None and other.shape != x_t.shape:
             raise ValueError(f"{name} shape {tuple(other.shape)} != x_t shape {tuple(x_t.shape)}")
     lo, hi = eta_range
-    if not (lo <= eta <= hi):
+    if isinstance(eta, torch.Tensor):  # one noise level per row (per-step levels of fused rows)
+        if eta.ndim > 1 or (eta.ndim == 1 and eta.shape[0] != x_t.shape[0]):
+            raise ValueError(f"eta must be a number or have shape [B={x_t.shape[0]}], got {tuple(eta.shape)}")
+        bad = eta[(eta < lo) | (eta > hi) | torch.isnan(eta)]
+        if len(bad.flatten()):
+            raise ValueError(f"eta for {sampler} must be in [{lo}, {hi}], got {bad.flatten()[0].item()}")
+    elif not (lo <= eta <= hi):
         raise ValueError(f"eta for {sampler} must be in [{lo}, {hi}], got {eta}")
     t, t_prev = _as_time(t, x_t, "t"), _as_time(t_prev, x_t, "t_prev")
     if torch.any(t_prev >= t):
@@ -142,7 +149,8 @@ def cps_step(x_t, model_output, t, t_prev, *, eta=0.7, noise=None, prev_sample=N
     _require_flow(schedule, "cps")
     x0, eps = to_x0_eps(model_output, x_t, 1 - t, t, prediction_type)
     a_p, s_p = broadcast_to(1 - t_prev, x_t), broadcast_to(t_prev, x_t)
-    s = s_p * math.sin(eta * math.pi / 2)
+    s = s_p * (math.sin(eta * math.pi / 2) if not isinstance(eta, torch.Tensor)
+               else broadcast_to(torch.sin(eta.to(s_p) * math.pi / 2), x_t))
     return _finish(x_t, _ddim_transition(x0, eps, a_p, s_p, s), s, noise, prev_sample, generator)
 
 
@@ -188,7 +196,7 @@ def flow_sde_step(x_t, model_output, t, t_prev, *, eta=0.7, noise=None, prev_sam
     t, t_prev = _validate(x_t, model_output, t, t_prev, eta, (0.0, 2.0), noise, prev_sample, "flow_sde")
     _require_flow(schedule, "flow_sde")
     t_noise = torch.where(t >= 1, t_prev, t)
-    sigma_t = eta * torch.sqrt(t_noise / (1 - t_noise))
+    sigma_t = torch.as_tensor(eta, dtype=t.dtype, device=t.device) * torch.sqrt(t_noise / (1 - t_noise))
     return _marginal_preserving_sde(x_t, model_output, t, t_prev, sigma_t, prediction_type, noise, prev_sample, generator)
 
 
@@ -199,7 +207,7 @@ def dance_sde_step(x_t, model_output, t, t_prev, *, eta=0.3, noise=None, prev_sa
     ``eps_t = eta`` (paper: 0.3), so ``std = eta * sqrt(t - t_prev)``."""
     t, t_prev = _validate(x_t, model_output, t, t_prev, eta, (0.0, 2.0), noise, prev_sample, "dance_sde")
     _require_flow(schedule, "dance_sde")
-    g = torch.full_like(t, float(eta))
+    g = torch.as_tensor(eta, dtype=t.dtype, device=t.device) * torch.ones_like(t)
     return _marginal_preserving_sde(x_t, model_output, t, t_prev, g, prediction_type, noise, prev_sample, generator)
 
 

@@ -4,8 +4,9 @@ A :class:`PreferencePair` is a prompt with a *chosen* and a *rejected* image (``
 and an optional tie flag, annotator and id. Three sources give pairs:
 
 * **JSONL** (:func:`read_jsonl_pairs` / :func:`write_jsonl_pairs`): one object a line,
-  ``{"prompt", "chosen", "rejected"[, "tie", "annotator", "id"]}``; ``chosen`` / ``rejected`` are
-  image paths relative to the JSONL file's folder (absolute paths are read as they are).
+  ``{"prompt", "chosen", "rejected"[, "tie", "annotator", "id", "vote_split", "rejected_prompt"]}``;
+  ``chosen`` / ``rejected`` are image paths relative to the JSONL file's folder (absolute paths
+  are read as they are); ``vote_split`` is ``{"chosen", "rejected", "tie"}`` vote counts.
   ``diffalign make-pairs`` and ``diffalign label --export`` write this layout.
 * **Pick-a-Pic v2 parquet** (:func:`read_pickapic_parquet`), the layout of the dataset of
   Kirstain et al. 2023 ("Pick-a-Pic: An Open Dataset of User Preferences for Text-to-Image
@@ -35,7 +36,7 @@ import numpy as np
 from ..config import atomic_write
 
 PICKAPIC_REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
-JSONL_FIELDS = ("prompt", "chosen", "rejected", "tie", "annotator", "id")
+JSONL_FIELDS = ("prompt", "chosen", "rejected", "tie", "annotator", "id", "vote_split", "rejected_prompt")
 PAIRS_FILE = "pairs.jsonl"  # the file a pairs directory holds
 UI_HINT = "pip install diffalign[ui]"
 
@@ -54,6 +55,9 @@ class PreferencePair:
     ``tie=True`` marks a tie: the chosen/rejected order is arbitrary, and trainers skip ties unless
     told otherwise. ``annotator`` says who labelled it (a person, or the reward that ranked an
     on-policy pair); ``pair_id`` is a stable id (the labelling page keys votes by it).
+    ``votes`` is ``(for chosen, for rejected, tie)`` when several people voted (the labelling
+    page's export): how far they agreed. ``rejected_prompt`` is a second caption that describes
+    the rejected image (Dual Caption Preference Optimization's distractor caption).
     """
 
     prompt: str
@@ -62,6 +66,8 @@ class PreferencePair:
     tie: bool = False
     annotator: str | None = None
     pair_id: str | None = None
+    votes: tuple[int, int, int] | None = None
+    rejected_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -71,25 +77,47 @@ class PreferencePair:
         if not isinstance(self.tie, (bool, np.bool_)):
             raise ValueError(f"PreferencePair.tie must be a bool, got {self.tie!r}")
         self.tie = bool(self.tie)
-        for name in ("annotator", "pair_id"):
+        for name in ("annotator", "pair_id", "rejected_prompt"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"PreferencePair.{name} must be a str or None, got {v!r}")
+        if self.votes is not None:
+            self.votes = check_votes(self.votes, "PreferencePair.votes")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PreferencePair):
             return NotImplemented
         return (self.prompt == other.prompt and self.tie == other.tie and self.annotator == other.annotator
-                and self.pair_id == other.pair_id and np.array_equal(self.chosen, other.chosen)
+                and self.pair_id == other.pair_id and self.votes == other.votes
+                and self.rejected_prompt == other.rejected_prompt and np.array_equal(self.chosen, other.chosen)
                 and np.array_equal(self.rejected, other.rejected))
 
     def __repr__(self) -> str:
         return (f"PreferencePair(prompt={self.prompt!r}, chosen={self.chosen.shape}, rejected={self.rejected.shape}, "
-                f"tie={self.tie}, annotator={self.annotator!r}, pair_id={self.pair_id!r})")
+                f"tie={self.tie}, annotator={self.annotator!r}, pair_id={self.pair_id!r}, votes={self.votes})")
 
     def swapped(self) -> "PreferencePair":
         """The same pair with chosen and rejected exchanged (Diffusion-NPO trains on these)."""
-        return PreferencePair(self.prompt, self.rejected, self.chosen, self.tie, self.annotator, self.pair_id)
+        votes = None if self.votes is None else (self.votes[1], self.votes[0], self.votes[2])
+        return PreferencePair(self.prompt, self.rejected, self.chosen, self.tie, self.annotator, self.pair_id, votes)
+
+    @property
+    def agreement(self) -> float | None:
+        """Share of the decisive votes that went to the chosen image (``None`` without votes or
+        without a decisive vote): 1 when every voter agreed, near 1/2 for a disputed pair."""
+        if self.votes is None or self.votes[0] + self.votes[1] == 0:
+            return None
+        return self.votes[0] / (self.votes[0] + self.votes[1])
+
+
+def check_votes(votes: Any, where: str) -> tuple[int, int, int]:
+    """``(for chosen, for rejected, tie)`` as non-negative integers; a ``ValueError`` names ``where``."""
+    if isinstance(votes, dict):
+        votes = [votes.get(k) for k in ("chosen", "rejected", "tie")]
+    if (not isinstance(votes, (tuple, list)) or len(votes) != 3
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in votes)):
+        raise ValueError(f"{where} must be three counts (for chosen, for rejected, tie) >= 0, got {votes!r}")
+    return int(votes[0]), int(votes[1]), int(votes[2])
 
 
 def decode_image(data: bytes | str | os.PathLike, where: str) -> np.ndarray:
@@ -125,7 +153,7 @@ def parse_jsonl_record(line: str, where: str) -> dict[str, Any]:
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}; a pair line needs 'prompt', 'chosen', 'rejected' "
-                         f"(optional: 'tie', 'annotator', 'id')")
+                         f"(optional: 'tie', 'annotator', 'id', 'vote_split', 'rejected_prompt')")
     for k in ("prompt", "chosen", "rejected"):
         if not isinstance(rec[k], str) or (k != "prompt" and not rec[k]):
             raise ValueError(f"{where}: field {k!r} must be a {'string' if k == 'prompt' else 'non-empty path'}, "
@@ -133,11 +161,14 @@ def parse_jsonl_record(line: str, where: str) -> dict[str, Any]:
     tie = rec.get("tie", False)
     if not isinstance(tie, bool):
         raise ValueError(f"{where}: field 'tie' must be true or false, got {tie!r}")
-    for k in ("annotator", "id"):
+    for k in ("annotator", "id", "rejected_prompt"):
         if rec.get(k) is not None and not isinstance(rec[k], str):
             raise ValueError(f"{where}: field {k!r} must be a string or null, got {rec[k]!r}")
+    split = rec.get("vote_split")  # the labelling export: votes oriented as chosen / rejected / tie
+    votes = None if split is None else check_votes(split, f"{where}: field 'vote_split'")
     return {"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"], "tie": tie,
-            "annotator": rec.get("annotator"), "id": rec.get("id")}
+            "annotator": rec.get("annotator"), "id": rec.get("id"), "votes": votes,
+            "rejected_prompt": rec.get("rejected_prompt")}
 
 
 def resolve_image_path(root: Path, rel: str) -> Path:
@@ -170,7 +201,8 @@ def read_jsonl_pairs(path: str | os.PathLike) -> Iterator[PreferencePair]:
             if not img.is_file():
                 raise FileNotFoundError(f"{where}: {k} image {rec[k]!r} not found (looked for {img})")
             images.append(decode_image(img, f"{where}: {k} image {rec[k]!r}"))
-        yield PreferencePair(rec["prompt"], images[0], images[1], rec["tie"], rec["annotator"], rec["id"])
+        yield PreferencePair(rec["prompt"], images[0], images[1], rec["tie"], rec["annotator"], rec["id"],
+                             rec["votes"], rec["rejected_prompt"])
 
 
 def pair_record(pair: PreferencePair, chosen: str, rejected: str) -> dict[str, Any]:
@@ -182,6 +214,10 @@ def pair_record(pair: PreferencePair, chosen: str, rejected: str) -> dict[str, A
         rec["annotator"] = pair.annotator
     if pair.pair_id is not None:
         rec["id"] = pair.pair_id
+    if pair.votes is not None:
+        rec["vote_split"] = dict(zip(("chosen", "rejected", "tie"), pair.votes))
+    if pair.rejected_prompt is not None:
+        rec["rejected_prompt"] = pair.rejected_prompt
     return rec
 
 

@@ -10,7 +10,11 @@ annotator's latest vote. The database runs in WAL mode, so readers never block t
 Export (majority vote per pair): ``a`` votes against ``b`` votes; more ``a`` -> a chosen, more
 ``b`` -> b chosen, equal counts (including pairs with only ``tie`` votes) -> ``tie: true`` with a
 first. ``tie`` votes are otherwise abstentions; ``skip`` votes and pairs nobody voted on are left
-out. Exported lines point at the original images (paths relative to the output file's folder).
+out. Exported lines point at the original images (paths relative to the output file's folder)
+and carry ``vote_split`` (votes for the exported chosen / rejected image and ties), which
+:func:`diffalign.data.load_pairs` reads as ``PreferencePair.votes`` (minority-aware Adaptive-DPO
+weighs disputed pairs by it). ``per_annotator=True`` writes one line per (annotator, decisive
+vote) instead, with that annotator alone -- the layout personalised methods group by user.
 """
 
 from __future__ import annotations
@@ -246,9 +250,11 @@ def tally(votes: list[tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def export_votes(pairs_dir: str | os.PathLike, db_path: str | os.PathLike, out: str | os.PathLike) -> dict[str, int]:
+def export_votes(pairs_dir: str | os.PathLike, db_path: str | os.PathLike, out: str | os.PathLike, *,
+                 per_annotator: bool = False) -> dict[str, int]:
     """Write the majority-vote pairs (module docstring) to ``out`` as JSONL pairs that
-    :func:`diffalign.data.load_pairs` reads. Returns counts of what was written and left out."""
+    :func:`diffalign.data.load_pairs` reads; or, with ``per_annotator``, each annotator's own
+    decisive votes (``a`` / ``b``), one line each. Returns counts of what was written and left out."""
     pairs = PairSet(pairs_dir)
     db_path = Path(db_path)
     if not db_path.is_file():
@@ -261,7 +267,23 @@ def export_votes(pairs_dir: str | os.PathLike, db_path: str | os.PathLike, out: 
     counts = tally(votes)
     out = Path(out)
     base = out.parent.resolve()
+
+    def rel(image: str) -> str:
+        return Path(os.path.relpath(pairs.root / image, base)).as_posix()
+
     records, ties = [], 0
+    if per_annotator:
+        for annotator, pid, choice in votes:
+            p = pairs.by_id.get(pid)
+            if p is None or choice not in ("a", "b"):
+                continue
+            first, second = (p.b, p.a) if choice == "b" else (p.a, p.b)
+            records.append({"prompt": p.prompt, "chosen": rel(first), "rejected": rel(second), "annotator": annotator,
+                            "id": pid, "vote_split": {"chosen": 1, "rejected": 0, "tie": 0}})
+        write_jsonl_records(records, out)
+        return {"pairs": len(records), "ties": 0, "votes": len(votes),
+                "left_out": len(votes) - len(records),
+                "votes_on_unknown_pairs": sum(pid not in pairs.by_id for _, pid, _ in votes)}
     for p in pairs.pairs:
         t = counts.get(p.pair_id)
         if t is None or t["a"] + t["b"] + t["tie"] == 0:
@@ -269,12 +291,13 @@ def export_votes(pairs_dir: str | os.PathLike, db_path: str | os.PathLike, out: 
         first, second = (p.b, p.a) if t["b"] > t["a"] else (p.a, p.b)
         tie = t["a"] == t["b"]
         ties += tie
-        rec: dict[str, Any] = {"prompt": p.prompt, "chosen": Path(os.path.relpath(pairs.root / first, base)).as_posix(),
-                               "rejected": Path(os.path.relpath(pairs.root / second, base)).as_posix()}
+        rec: dict[str, Any] = {"prompt": p.prompt, "chosen": rel(first), "rejected": rel(second)}
         if tie:
             rec["tie"] = True
+        won, lost = (t["b"], t["a"]) if t["b"] > t["a"] else (t["a"], t["b"])
         rec.update({"annotator": ",".join(sorted(set(t["annotators"]))), "id": p.pair_id,
-                    "votes": {k: t[k] for k in ("a", "b", "tie")}})
+                    "votes": {k: t[k] for k in ("a", "b", "tie")},
+                    "vote_split": {"chosen": won, "rejected": lost, "tie": t["tie"]}})
         records.append(rec)
     write_jsonl_records(records, out)
     return {"pairs": len(records), "ties": ties, "votes": len(votes), "left_out": len(pairs) - len(records),

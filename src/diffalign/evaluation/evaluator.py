@@ -18,7 +18,8 @@ from ..core.sampling import generate
 from ..config import atomic_write
 from ..worlds import shapes
 from .features import ENCODER_INPUT, ENCODER_NAME, fid_kid, pooled_pixels, rms_distance, within_prompt_diversity
-from .grid import save_grid
+from .grid import save_frame_strips, save_grid, save_video_grid
+from .video import video_format
 
 RESULT_VERSION = 1
 LABEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -124,7 +125,8 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
              rewards: Sequence[Any] = (), target: str | None = None, sampler: str | None = None,
              num_steps: int | None = None, guidance_scale: float | None = None, eta: float | None = None,
              base: str | None = None, batch_size: int = 256, out_dir: str | Path | None = None,
-             grid_prompts: int = 8, negative_models: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             grid_prompts: int = 8, negative_models: Mapping[str, Any] | None = None,
+             keep_scores: bool = False) -> dict[str, Any]:
     """Sample every model on the same ``prompts`` x ``seeds_per_prompt`` seeds and compare them.
 
     models: ``{label: model}``; labels name files, so they match ``LABEL_PATTERN``.
@@ -140,6 +142,8 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
         samples are written there (verified-correct tiles framed green, wrong ones red).
     negative_models: ``{label: model}``: that label's model is sampled with this model in the
         unconditional branch of guidance (Diffusion-NPO; ``core.sampling.generate``).
+    keep_scores: also return every image's score, ``models[label]["scores"][reward]`` (prompt-major
+        lists of ``P * K``; benchmarks such as GenEval tabulate them).
 
     Returns a JSON-able dict (see docs/evaluation.md and ``DEFINITIONS``).
     """
@@ -175,11 +179,14 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
         rec: dict[str, Any] = {"sampling": sampling,
                                "scores": {r.name: _score(r, images, flat_prompts, batch_size) for r in rewards},
                                "pooled": pooled_pixels(images), "seconds": time.perf_counter() - start}
-        small = images if images.shape[-2:] == (ENCODER_INPUT,) * 2 else F.interpolate(images, ENCODER_INPUT,
+        frames = images.flatten(0, 1) if images.ndim == 5 else images  # videos: FID / KID over all frames
+        small = frames if frames.shape[-2:] == (ENCODER_INPUT,) * 2 else F.interpolate(frames, ENCODER_INPUT,
                                                                                        mode="area")
         rec["small"] = small
         rec["diversity"] = within_prompt_diversity(images, P, K)
-        rec["verify"] = shapes.verify(images, flat_prompts) if world and images.shape[-2:] == (32, 32) else None
+        rec["verify"] = (shapes.verify(images, flat_prompts) if world and images.ndim == 4
+                         and images.shape[-2:] == (32, 32) else None)
+        rec["fps"] = getattr(model, "fps", None)
         rec["grid_images"] = images[:grid_n].clone()
         per[label] = rec
         del images
@@ -196,6 +203,8 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
             "shapes": None, "vs_base": None, "grid": None, "seconds": round(rec["seconds"], 3),
             "sampling": rec["sampling"],
         }
+        if keep_scores:
+            entry["scores"] = {name: [float(x) for x in rec["scores"][name]] for name in reward_names}
         if shapes_world:
             v = rec["verify"]
             entry["shapes"] = {"accuracy": shapes.accuracy_by_category(flat_prompts, v.correct),
@@ -211,9 +220,17 @@ def evaluate(models: Mapping[str, Any], prompts: Sequence[str], *, seeds_per_pro
         if out_dir is not None and grid_n:
             rows = min(grid_prompts, P)
             marks = [bool(c) for c in rec["verify"].correct[:grid_n]] if shapes_world else None
-            save_grid(rec["grid_images"], out_dir / f"images_{label}.png", K, row_labels=_short(prompts[:rows]),
-                      col_labels=[f"sample {k + 1}" for k in range(K)], marks=marks)
-            entry["grid"] = f"images_{label}.png"
+            labels = {"row_labels": _short(prompts[:rows]), "col_labels": [f"sample {k + 1}" for k in range(K)]}
+            if rec["grid_images"].ndim == 5:  # videos: an animated grid and a strip of frames per sample
+                name = f"images_{label}.{video_format('auto')}"
+                save_video_grid(rec["grid_images"], out_dir / name, K, rec["fps"] or 8.0, **labels)
+                save_frame_strips(rec["grid_images"], out_dir / f"strips_{label}.png",
+                                  row_labels=_short([p for p in prompts[:rows] for _ in range(K)]))
+                entry["strips"] = f"strips_{label}.png"
+            else:
+                name = f"images_{label}.png"
+                save_grid(rec["grid_images"], out_dir / name, K, marks=marks, **labels)
+            entry["grid"] = name
         result_models[label] = entry
 
     return {

@@ -30,17 +30,21 @@ ENCODER_INPUT = 32  # images are resized to this before encoding
 ENCODER_SEED = 20240601
 
 
-def _check_images(images: Any, what: str = "images") -> Tensor:
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+def _check_images(images: Any, what: str = "images", video: bool = False) -> Tensor:
+    ok = isinstance(images, Tensor) and images.ndim in ((4, 5) if video else (4,)) and images.shape[-3] == 3
+    if not ok:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"{what} must be a float tensor [B, 3, H, W] in [0, 1], got {shape}")
+        allowed = "[B, 3, H, W] (or videos [B, F, 3, H, W])" if video else "[B, 3, H, W]"
+        raise ValueError(f"{what} must be a float tensor {allowed} in [0, 1], got {shape}")
     return images.detach().float().cpu()
 
 
 def pooled_pixels(images: Tensor, size: int = POOL_SIZE) -> Tensor:
-    """Images ``[B, 3, H, W]`` in ``[0, 1]`` -> ``[B, 3 * size * size]`` block-mean colours."""
-    x = _check_images(images)
-    return F.adaptive_avg_pool2d(x, size).flatten(1)
+    """Images ``[B, 3, H, W]`` in ``[0, 1]`` -> ``[B, 3 * size * size]`` block-mean colours; videos
+    ``[B, F, 3, H, W]`` -> every frame's, ``[B, F * 3 * size * size]`` (distances then compare
+    whole videos, motion included)."""
+    x = _check_images(images, video=True)
+    return F.adaptive_avg_pool2d(x.flatten(0, x.ndim - 4), size).reshape(x.shape[0], -1)
 
 
 def rms_distance(a: Tensor, b: Tensor) -> Tensor:

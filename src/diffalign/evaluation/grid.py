@@ -79,3 +79,21 @@ def save_grid(images: torch.Tensor, path: str | Path, ncols: int, **kwargs) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, ncols, **kwargs).save(path, format="PNG")
     return path
+
+
+def save_video_grid(videos: torch.Tensor, path: str | Path, ncols: int, fps: float, **kwargs) -> Path:
+    """Videos ``[N, F, 3, H, W]`` as one animated grid (:func:`make_grid` per frame), written as MP4
+    or animated WebP by ``path``'s suffix (``evaluation.video``)."""
+    from .video import write_video
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.stack([np.asarray(make_grid(videos[:, f], ncols, **kwargs)) for f in range(videos.shape[1])])
+    return write_video(frames, path, fps)
+
+
+def save_frame_strips(videos: torch.Tensor, path: str | Path, n: int = 8, **kwargs) -> Path:
+    """One row per video of ``n`` evenly spaced frames (a PNG), labelled with the frame numbers."""
+    F_ = videos.shape[1]
+    idx = sorted(set(np.linspace(0, F_ - 1, min(n, F_)).round().astype(int).tolist()))
+    return save_grid(videos[:, idx].flatten(0, 1), path, len(idx), col_labels=[f"frame {i}" for i in idx], **kwargs)

@@ -1,8 +1,9 @@
 """One self-contained HTML report for a run directory (``diffalign report RUN_DIR``).
 
 Reads whatever of these the run has: ``metrics.jsonl`` (training curves), ``config.yaml`` (the
-resolved config) and ``eval/eval.json`` with its ``images_<label>.png`` grids. Every image is
-embedded as a base64 PNG and the styles are inline, so the file can be mailed or attached to CI.
+resolved config) and ``eval/eval.json`` with its ``images_<label>.png`` grids (videos: an animated
+grid, MP4 or WebP, and ``strips_<label>.png`` frame strips). Every image or video is
+embedded (base64 PNG, WebP or MP4) and the styles are inline, so the file can be mailed or attached to CI.
 """
 
 from __future__ import annotations
@@ -41,14 +42,23 @@ th,td{border:1px solid #dde1e8;padding:5px 9px;text-align:right} th{background:#
 td:first-child,th:first-child{text-align:left} caption{text-align:left;font-weight:600;padding:4px 0;white-space:nowrap}
 .grids{display:flex;flex-wrap:wrap;gap:18px} figure{margin:0;background:#fff;border:1px solid #dde1e8;
 border-radius:6px;padding:10px;flex:1 1 440px;max-width:max-content}
-figure img{max-width:100%;height:auto} figcaption{font-weight:600;margin-bottom:6px}
+figure img,figure video{max-width:100%;height:auto;display:block;margin-bottom:6px} figcaption{font-weight:600;margin-bottom:6px}
 .headline li{margin:3px 0} pre{background:#1d2330;color:#e8eaf0;padding:12px;border-radius:6px;overflow:auto;
 font-size:12px} summary{cursor:pointer;font-weight:600}
 """
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{html.escape(alt)}">'
+def _img(png: bytes, alt: str, mime: str = "image/png") -> str:
+    return f'<img src="data:{mime};base64,{base64.b64encode(png).decode("ascii")}" alt="{html.escape(alt)}">'
+
+
+def _media(path: Path, alt: str) -> str:
+    """A PNG or animated WebP as an image, an MP4 as a looping muted video, embedded in the page."""
+    data = path.read_bytes()
+    if path.suffix.lower() == ".mp4":
+        return (f'<video autoplay loop muted playsinline controls title="{html.escape(alt)}" '
+                f'src="data:video/mp4;base64,{base64.b64encode(data).decode("ascii")}"></video>')
+    return _img(data, alt, "image/webp" if path.suffix.lower() == ".webp" else "image/png")
 
 
 def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -133,8 +143,10 @@ def _eval_section(result: Mapping[str, Any] | None, eval_dir: Path) -> str:
         if path is None or not path.is_file():
             continue
         role = "" if base is None else ("before — base " if label == base else "after — ")
+        strips = result["models"][label].get("strips")
+        strip = (_media(eval_dir / strips, f"frames of {label}") if strips and (eval_dir / strips).is_file() else "")
         figs.append(f"<figure><figcaption>{e(role + repr(label))}</figcaption>"
-                    f"{_img(path.read_bytes(), f'samples of {label}')}</figure>")
+                    f"{_media(path, f'samples of {label}')}{strip}</figure>")
     if figs:
         frames = "; green frame = verified correct, red = wrong" if result.get("shapes_world") else ""
         out.append(f"<h2>Samples</h2><p class=\"meta\">The first {result.get('grid_prompts', '')} prompts (rows) x "

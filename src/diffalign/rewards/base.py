@@ -8,6 +8,11 @@ A reward is a callable ``reward(images, prompts, meta=None) -> Tensor[B]``:
 * returns float32 scores on the images' device; rewards with ``differentiable = True`` keep the
   autograd graph back to ``images``.
 
+Videos ``[B, F, 3, H, W]`` are scored too: a reward with ``video = True`` (temporal consistency,
+motion) reads the frames itself; any other reward scores every frame as an image and reduces by its
+``frames`` option -- ``"mean"`` (default), ``"min"``, or the index of one frame (only that frame is
+scored). ``rewards.get(name, frames=...)`` sets it.
+
 Every reward validates its inputs with :func:`check_inputs`, so all of them fail the same way
 (``ValueError`` naming what is wrong) on bad shapes, ranges or prompt counts.
 """
@@ -21,17 +26,26 @@ from torch import Tensor
 
 IMAGE_SLACK = 1e-4  # images may leave [0, 1] by this much (float round-off of decoders)
 EXTRA_HINT = "pip install diffalign[rewards]"
+FRAME_REDUCTIONS = ("mean", "min")
 
 
-def check_inputs(images: Any, prompts: Any, meta: Any = None, *, name: str = "reward") -> list[str]:
-    """Validate a reward call; return ``prompts`` as a list. Raises ``ValueError`` naming the problem."""
+def check_frames(frames: Any) -> str | int:
+    """A reward's ``frames`` option: ``"mean"``, ``"min"`` or a frame index (negative counts from the end)."""
+    if isinstance(frames, bool) or not (frames in FRAME_REDUCTIONS or isinstance(frames, int)):
+        raise ValueError(f"frames must be one of {list(FRAME_REDUCTIONS)} or a frame index (int), got {frames!r}")
+    return frames
+
+
+def check_inputs(images: Any, prompts: Any, meta: Any = None, *, name: str = "reward", video: bool = False) -> list[str]:
+    """Validate a reward call; return ``prompts`` as a list. Raises ``ValueError`` naming the problem.
+    ``video``: ``images`` are videos ``[B, F, 3, H, W]``."""
+    shape = "[B, F, 3, H, W]" if video else "[B, 3, H, W]"
     if not isinstance(images, Tensor):
-        raise ValueError(f"{name}: images must be a torch.Tensor [B, 3, H, W] in [0, 1], got {type(images).__name__}")
-    if images.ndim != 4:
-        raise ValueError(f"{name}: images must have 4 dims [B, 3, H, W], got shape {tuple(images.shape)}")
-    if images.shape[1] != 3:
-        raise ValueError(f"{name}: images must have 3 channels (RGB) in dim 1 [B, 3, H, W], "
-                         f"got shape {tuple(images.shape)}")
+        raise ValueError(f"{name}: images must be a torch.Tensor {shape} in [0, 1], got {type(images).__name__}")
+    if images.ndim != (5 if video else 4):
+        raise ValueError(f"{name}: images must have {5 if video else 4} dims {shape}, got shape {tuple(images.shape)}")
+    if images.shape[-3] != 3:
+        raise ValueError(f"{name}: images must have 3 channels (RGB) {shape}, got shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"{name}: images must be a float tensor in [0, 1], got dtype {images.dtype}")
     if images.numel():
@@ -61,12 +75,17 @@ class Reward:
 
     name: str = "reward"
     differentiable: bool = False
+    video: bool | None = False  # True: ``score`` takes videos [B, F, 3, H, W] only; None: images or videos
+    frames: str | int = "mean"  # an image reward on a video: mean / min over frames, or one frame's index
 
     def score(self, images: Tensor, prompts: list[str], meta: list[dict] | None) -> Tensor:
         raise NotImplementedError
 
     def __call__(self, images: Tensor, prompts: Sequence[str], meta: list[dict] | None = None) -> Tensor:
-        prompts = check_inputs(images, prompts, meta, name=self.name)
+        is_video = isinstance(images, Tensor) and images.ndim == 5
+        if is_video and self.video is False:
+            return self._by_frame(images, prompts, meta)
+        prompts = check_inputs(images, prompts, meta, name=self.name, video=is_video if self.video is None else self.video)
         if images.shape[0] == 0:
             return torch.zeros(0, dtype=torch.float32, device=images.device)
         out = self.score(images, prompts, meta)
@@ -74,6 +93,22 @@ class Reward:
         if out.shape[0] != images.shape[0]:
             raise RuntimeError(f"{self.name}: returned {out.shape[0]} scores for {images.shape[0]} images")
         return out
+
+    def _by_frame(self, videos: Tensor, prompts: Sequence[str], meta: list[dict] | None) -> Tensor:
+        """An image reward on videos: every frame scored, reduced by ``frames`` (per-frame scores
+        in ``meta[i]["frame_scores"]``), or the one frame ``frames`` names."""
+        prompts = check_inputs(videos, prompts, meta, name=self.name, video=True)
+        B, F = videos.shape[:2]
+        how = check_frames(self.frames)
+        if isinstance(how, int):
+            if not -F <= how < F:
+                raise ValueError(f"{self.name}: frames={how} is outside the videos' {F} frames")
+            return self(videos[:, how], prompts, meta)
+        scores = self(videos.flatten(0, 1), [p for p in prompts for _ in range(F)]).view(B, F)
+        if meta is not None:
+            for m, s in zip(meta, scores.detach().cpu().tolist()):
+                m["frame_scores"] = s
+        return scores.mean(1) if how == "mean" else scores.min(1).values
 
     def to(self, device: str | torch.device) -> "Reward":
         """Move the reward's weights (if any) to ``device``; returns ``self``."""

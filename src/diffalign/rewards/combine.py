@@ -29,7 +29,10 @@ NORMALIZE = ("none", "fixed", "running")
 
 
 class WeightedSum(Reward):
-    """``sum_i weights[i] * normalize_i(rewards[i](images, prompts))``; see the module docstring."""
+    """``sum_i weights[i] * normalize_i(rewards[i](images, prompts))``; see the module docstring.
+    Videos go to every part whole (each image reward reduces over frames by its own ``frames``)."""
+
+    video = None
 
     def __init__(self, rewards: Sequence[Reward] | str, weights: Sequence[float] | None = None,
                  normalize: str = "none", scales: Sequence[float] | None = None,

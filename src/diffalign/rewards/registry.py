@@ -29,8 +29,17 @@ _BUILTIN: dict[str, tuple[str, str]] = {
     "aesthetic": ("clip_models:AestheticScore", "LAION aesthetic predictor v2 (CLIP ViT-L/14 + MLP head)"),
     "hpsv2": ("hps:HPSv2", "Human Preference Score v2/v2.1 (Wu et al. 2023), open_clip checkpoint"),
     "imagereward": ("imagereward:ImageReward", "ImageReward (Xu et al. 2023), BLIP + MLP head"),
+    "geneval": ("geneval:GenEvalReward", "GenEval (Ghosh et al. 2023) on Mask2Former + CLIP; Flow-GRPO's partial credit"),
+    "ocr": ("ocr:OCRReward", "text rendering: 1 - normalised edit distance to the quoted text (RapidOCR, Flow-GRPO)"),
+    "vlm_judge": ("vlm_judge:VLMJudge", "P(yes) of a VLM judge over an OpenAI-compatible chat API"),
+    "group_rank": ("group:GroupRank", "rank of a base reward within the group of one prompt, in [0, 1]"),
+    "group_winrate": ("group:GroupWinRate", "win rate against the group (Bradley-Terry probabilities of a base reward)"),
     "learned": ("learned:LearnedReward", "a Bradley-Terry reward model trained by `diffalign train-reward`"),
     "remote": ("remote:RemoteReward", "a reward served over HTTP by `diffalign serve-reward`"),
+    "temporal_consistency": ("video:TemporalConsistency", "mean CLIP cosine of consecutive video frames (1 = still)"),
+    "motion_magnitude": ("video:MotionMagnitude", "mean absolute difference of consecutive video frames"),
+    "source_clip": ("video:SourceClip", "CLIP image cosine to the prompt's conditioning image (editing, I2V)"),
+    "source_l2": ("video:SourceL2", "minus the mean squared pixel distance to the conditioning image"),
 }
 _FACTORIES: dict[str, Callable[..., Reward] | str] = {k: v[0] for k, v in _BUILTIN.items()}
 _DESCRIPTIONS: dict[str, str] = {k: v[1] for k, v in _BUILTIN.items()}
@@ -67,10 +76,20 @@ def _resolve(name: str) -> Callable[..., Reward]:
 
 
 def get(name: str, **kwargs: Any) -> Reward:
-    """Build the reward registered as ``name`` with ``kwargs`` (e.g. ``get("clipscore", path=DIR)``)."""
+    """Build the reward registered as ``name`` with ``kwargs`` (e.g. ``get("clipscore", path=DIR)``).
+    ``frames`` (any reward): how an image reward scores videos -- ``"mean"``, ``"min"`` or a frame index."""
     if not isinstance(name, str) or name.strip() not in _FACTORIES:
         raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(names())}")
     name = name.strip()
+    if "frames" in kwargs:
+        from .base import check_frames
+
+        frames = check_frames(kwargs.pop("frames"))
+        reward = get(name, **kwargs)
+        if getattr(reward, "video", False):
+            raise ValueError(f"reward {name!r} scores whole videos; frames={frames!r} applies to image rewards")
+        reward.frames = frames
+        return reward
     factory = _resolve(name)
     try:
         inspect.signature(factory).bind(**kwargs)

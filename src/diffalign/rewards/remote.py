@@ -245,31 +245,22 @@ class RemoteReward(Reward):
         self._client = httpx.Client(timeout=timeout)
 
     def _post(self, payload: dict) -> dict:
-        httpx = self._httpx
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        last: str = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                resp = self._client.post(f"{self.url}/score", json=payload, headers=headers)
-            except httpx.TransportError as e:  # connection refused/reset, timeouts
-                last = f"{type(e).__name__}: {e}"
-                continue
-            if resp.status_code in RETRY_STATUS:
-                last = f"HTTP {resp.status_code}"
-                continue
-            detail = _detail(resp)
-            if resp.status_code in (401, 403):
-                raise PermissionError(f"reward server at {self.url} refused the request (HTTP {resp.status_code}: "
-                                      f"{detail}); pass the server's token=")
-            if resp.status_code == 400:
-                raise ValueError(f"reward server at {self.url} rejected the input: {detail}")
-            if resp.status_code != 200:
-                raise RuntimeError(f"reward server at {self.url} failed (HTTP {resp.status_code}: {detail})")
-            return resp.json()
-        raise ConnectionError(f"reward server at {self.url} is unreachable after {self.retries + 1} attempts "
-                              f"(last error: {last}); is `diffalign serve-reward` running there?")
+        try:
+            resp = post_with_retries(self._client, f"{self.url}/score", payload, headers=headers,
+                                     retries=self.retries, backoff=self.backoff)
+        except RetriesExhausted as e:
+            raise ConnectionError(f"reward server at {self.url} is unreachable after {e.attempts} attempts "
+                                  f"(last error: {e.last}); is `diffalign serve-reward` running there?") from None
+        detail = _detail(resp)
+        if resp.status_code in (401, 403):
+            raise PermissionError(f"reward server at {self.url} refused the request (HTTP {resp.status_code}: "
+                                  f"{detail}); pass the server's token=")
+        if resp.status_code == 400:
+            raise ValueError(f"reward server at {self.url} rejected the input: {detail}")
+        if resp.status_code != 200:
+            raise RuntimeError(f"reward server at {self.url} failed (HTTP {resp.status_code}: {detail})")
+        return resp.json()
 
     def score(self, images: Tensor, prompts: list[str], meta: list[dict] | None) -> Tensor:
         out = self._post({"prompts": prompts, "images": encode_images(images, self.dtype)})
@@ -287,6 +278,40 @@ class RemoteReward(Reward):
 
     def close(self) -> None:
         self._client.close()
+
+
+class RetriesExhausted(ConnectionError):
+    """Every attempt of :func:`post_with_retries` failed; ``last`` is the last error, ``attempts``
+    how many were made."""
+
+    def __init__(self, url: str, attempts: int, last: str):
+        super().__init__(f"{url}: {attempts} attempts failed (last error: {last})")
+        self.url, self.attempts, self.last = url, attempts, last
+
+
+def post_with_retries(client: Any, url: str, payload: dict, *, headers: dict | None = None, retries: int = 3,
+                      backoff: float = 0.5) -> Any:
+    """POST ``payload`` as JSON with an ``httpx.Client``; connection errors, timeouts and
+    502/503/504 answers are retried ``retries`` times, sleeping ``backoff * 2**k`` s before retry
+    ``k + 1``. Returns the first other response (the caller reads its status); raises
+    :class:`RetriesExhausted` when every attempt failed. Shared by the remote reward and the
+    VLM judge (thread-safe: ``httpx.Client`` may be shared by threads)."""
+    import httpx
+
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            resp = client.post(url, json=payload, headers=headers or {})
+        except httpx.TransportError as e:  # connection refused/reset, timeouts
+            last = f"{type(e).__name__}: {e}"
+            continue
+        if resp.status_code in RETRY_STATUS:
+            last = f"HTTP {resp.status_code}: {_detail(resp)}"
+            continue
+        return resp
+    raise RetriesExhausted(url, retries + 1, last)
 
 
 def _detail(resp: Any) -> str:

@@ -184,3 +184,39 @@ def save_tiny_imagereward(directory: str | Path, seed: int = 0, image_size: int 
         "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": n_vocab,
         "encoder_width": vw, "add_cross_attention": True}))
     return d
+
+
+def save_tiny_mask2former(directory: str | Path, seed: int = 0, size: int = 64) -> Path:
+    """A random transformers Mask2Former (tiny Swin backbone, 80 classes named as GenEval's COCO
+    classes, 20 queries) in ``save_pretrained`` layout, with a ``preprocessor_config.json`` that
+    resizes to ``size``."""
+    import transformers
+
+    from ..data.prompt_sets import geneval_object_names
+    from .clip_common import quiet_transformers
+
+    d = Path(directory)
+    names = geneval_object_names()
+    backbone = transformers.SwinConfig(image_size=size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                       num_heads=[1, 1, 2, 2], window_size=4,
+                                       out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = transformers.Mask2FormerConfig(
+        backbone_config=backbone, num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)}, hidden_dim=32, mask_feature_size=32, feature_size=32,
+        encoder_layers=1, decoder_layers=2, num_attention_heads=2, dim_feedforward=64, encoder_feedforward_dim=64,
+        num_queries=20, common_stride=4, use_pretrained_backbone=False)
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        transformers.Mask2FormerForUniversalSegmentation(cfg).save_pretrained(str(d))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"shortest_edge": size, "longest_edge": size}, "size_divisor": 32,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    return d
+
+
+def save_tiny_geneval(directory: str | Path, seed: int = 0) -> Path:
+    """The ``geneval`` reward's layout: ``DIR/mask2former/`` and ``DIR/clip/``, tiny and random."""
+    d = Path(directory)
+    save_tiny_mask2former(d / "mask2former", seed=seed)
+    save_tiny_clip(d / "clip", seed=seed)
+    return d

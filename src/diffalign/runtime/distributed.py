@@ -88,20 +88,32 @@ def own_micro_batches(micro_batches: list, shard: Shard, split: str) -> list[tup
     raise ValueError(f"split must be 'shard', 'spread' or 'replicate', got {split!r}")
 
 
-def reduce_stats(stats: dict[str, list[tuple[float, float]]], world: int,
+def as_floats(values: Sequence[float | Tensor]) -> list[float]:
+    """Python floats of a mix of floats and 0-d tensors, with one device read for all the tensors
+    (losses return their statistics as tensors so that a micro-batch never waits on the device)."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([v.detach().reshape(()).to(tensors[0].device, torch.float64) for v in tensors]).tolist())
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+def reduce_stats(stats: dict[str, list[tuple[float | Tensor, float]]], world: int,
                  device: torch.device | str | None = None) -> dict[str, float]:
-    """Means of training statistics recorded as ``(value, share)`` per micro-batch. One process:
-    plain means. N processes: share-weighted means over every process, so a statistic that is a
-    mean over the samples of a micro-batch comes out as its one-process value; the keys are the
-    union over processes, in the main process's order."""
+    """Means of training statistics recorded as ``(value, share)`` per micro-batch (values are
+    floats or 0-d tensors). One process: plain means. N processes: share-weighted means over every
+    process, so a statistic that is a mean over the samples of a micro-batch comes out as its
+    one-process value; the keys are the union over processes, in the main process's order."""
     if world == 1:
-        return {k: sum(v for v, _ in vs) / len(vs) for k, vs in stats.items()}
+        keys = list(stats)
+        means = as_floats([sum(v for v, _ in stats[k]) / len(stats[k]) for k in keys])
+        return dict(zip(keys, means))
     keys: list[list[str]] = [[] for _ in range(world)]
     dist.all_gather_object(keys, list(stats))
     order = list(dict.fromkeys(k for ks in keys for k in ks))
     own = ([sum(v * w for v, w in stats.get(k, []) if w) for k in order]
            + [sum(w for _, w in stats.get(k, [])) for k in order])
-    totals = all_reduce_sum(own, device)
+    totals = all_reduce_sum(as_floats(own), device)
     return {k: totals[i] / totals[len(order) + i] if totals[len(order) + i] else float("nan")
             for i, k in enumerate(order)}
 

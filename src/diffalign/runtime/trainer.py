@@ -35,7 +35,7 @@ from .checkpoint import atomic_torch_save, check_resumable, load_checkpoint, sav
 from .devices import resolve_device
 from .distributed import agree, all_reduce_sum, own_micro_batches, process_shard, reduce_stats
 from .ema import EMA
-from .lora import Reference, apply_lora, is_lora, lora_targets
+from .lora import Reference, apply_lora, is_lora, lora_targets, merged_lora
 from .prompts import PromptSource, PromptsConfig
 
 
@@ -45,7 +45,8 @@ class TrainConfig:
     method: str = "flow_grpo"  # see `diffalign.algorithms.names()`
     reward: str = "shapes"  # registry name of the target reward
     reward_kwargs: dict = field(default_factory=dict)  # passed to rewards.get (e.g. path=...)
-    heldout_rewards: list = field(default_factory=list)  # scored on the same samples, never optimised
+    heldout_rewards: list = field(default_factory=list)  # scored on the same samples, never optimised: names,
+    # or {name: ..., **kwargs} (e.g. {name: temporal_consistency, path: DIR}; frames: min for image rewards on video)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     algorithm: dict = field(default_factory=dict)  # method-specific fields (see the method's config class)
     epochs: int = 100
@@ -54,6 +55,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float = 0.0  # 0 = lora_rank
+    merge_lora_rollouts: bool = True  # LoRA: roll out with the adapter merged into the base weights (restored exactly)
+    compile_backbone: bool = False  # torch.compile the backbone (compiles on the first epoch; docs/throughput.md)
     ema_decay: float = 0.0  # 0 = no EMA; else the final model is the EMA
     seed: int = 0
     device: str = "auto"
@@ -79,6 +82,18 @@ class TrainConfig:
         check_choice("log_with", self.log_with, ["none", "tensorboard", "wandb"])
         check_range("max_minutes", self.max_minutes, 0, None)
         algorithms.build_config(self.method, self.algorithm)  # validate the method's fields now
+        for i, h in enumerate(self.heldout_rewards):
+            if not (isinstance(h, str) or (isinstance(h, dict) and isinstance(h.get("name"), str))):
+                raise ValueError(f"heldout_rewards[{i}] must be a reward name or a dict with a 'name' and the "
+                                 f"reward's keyword arguments, got {h!r}")
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The denoising backbone of a model (through peft's wrapper): diffusers' UNet / transformer, the
+    shapes UNet."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, "backbone", None)  # diffusers: no upcast of a half-precision backbone
+    return base.trainable_module() if backbone is None else backbone
 
 
 def outside_backbone(model: nn.Module) -> list[nn.Module]:
@@ -144,8 +159,10 @@ class Trainer:
             # only the denoising backbone trains; text encoders (and VAEs) stay frozen, as in every real pipeline
             model.trainable_module().requires_grad_(True)
         self.reward = rewards.get(cfg.reward, **cfg.reward_kwargs)
-        self.heldout = [rewards.get(name) for name in cfg.heldout_rewards]
+        self.heldout = [rewards.get(h) if isinstance(h, str) else rewards.get(**h) for h in cfg.heldout_rewards]
         reference = Reference(model) if self.algo_cfg.beta > 0 else None
+        if cfg.compile_backbone:  # in place (names, LoRA, checkpoints unchanged); after the reference's copy
+            backbone_of(model).compile()
         _, algo_cls, _ = algorithms.get(cfg.method)
         self.algorithm = algo_cls(self.algo_cfg, reward=self.reward, reference=reference)
         # how N processes share an epoch (runtime/distributed.py): an algorithm with a `shard` samples
@@ -192,6 +209,13 @@ class Trainer:
         """The model that samples: the unwrapped model, or under FSDP the sharded one (whose forward
         gathers the weights it needs)."""
         return self.model if self.accelerator.distributed_type.value == "FSDP" else self._trainable_module()
+
+    def _rollout_weights(self, model):
+        """LoRA merged into the base weights while the algorithm samples with the policy itself
+        (not under FSDP / DeepSpeed, whose parameters are split or flattened)."""
+        merge = (self.cfg.lora_rank and self.cfg.merge_lora_rollouts and not self.sharded_state
+                 and getattr(self.algorithm, "samples_with_policy", False))
+        return merged_lora(model) if merge else contextlib.nullcontext()
 
     def _accumulating(self, last: bool):
         """N processes: gradients of all but an optimiser step's last micro-batch stay local; the
@@ -332,7 +356,7 @@ class Trainer:
         world = self.shard.world
         t0 = time.perf_counter()
         model.eval()
-        with acc.autocast():
+        with acc.autocast(), self._rollout_weights(model):
             batch = self.algorithm.collect(model, prompts, epoch=epoch, seed=seed)
         t_sample = time.perf_counter() - t0
         stats: dict[str, list[tuple[float, float]]] = {}  # (value, share) per micro-batch
@@ -351,8 +375,8 @@ class Trainer:
                     for key, v in s.items():
                         stats.setdefault(key, []).append((v, share))
                 grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                if grad_norm is not None:  # the same on every process: counted once
-                    stats.setdefault("grad_norm", []).append((float(grad_norm), float(self.shard.rank == 0)))
+                if grad_norm is not None:  # the same on every process: counted once (read at the epoch's end)
+                    stats.setdefault("grad_norm", []).append((grad_norm, float(self.shard.rank == 0)))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:

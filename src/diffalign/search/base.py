@@ -35,6 +35,7 @@ from torch import Tensor
 from .. import rewards as rewards_lib
 from ..config import check_range
 from ..core.parametrization import cond_index, guided_prediction, to_x0_eps
+from ..core.prompts import negative_prompts
 from ..core.steps import DEFAULT_ETA, ODE_COUNTERPART, get_step
 
 # stream tags: which purpose a generator serves (keys of stream_seed)
@@ -227,7 +228,7 @@ class Engine:
         with torch.no_grad():
             self.cond = model.encode_prompts(list(prompts))
             guided = settings.guidance_scale != 1.0
-            self.uncond = model.encode_prompts([""] * len(prompts)) if guided else None
+            self.uncond = model.encode_prompts(negative_prompts(prompts)) if guided else None
 
     @property
     def nfe(self) -> int:
