@@ -179,6 +179,7 @@ def test_old_policy_follows_its_decay_schedule():
     ({"sample_with": "ema"}, "sample_with"),
     ({"x0_clip": -1.0}, "x0_clip"),
     ({"negative_weight": 2.0}, "negative_weight"),
+    ({"pretrain_weight": -1.0}, "pretrain_weight"),
 ])
 def test_bad_forward_process_config(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -253,6 +254,41 @@ def test_x0_clip_clamps_the_training_samples_to_the_decoded_range():
     cfg, cls = build("awm", x0_clip=0.5)
     batch = cls(cfg, reward=verifier_reward).collect(model, ["two red circles", "a blue square"], epoch=0, seed=3)
     assert batch.latents.abs().max() <= 0.5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pretrain_regulariser_adds_the_denoising_loss_on_renders(method):
+    from diffalign.core.parametrization import from_x0_eps
+    from diffalign.worlds import shapes
+
+    model = tiny_model().train()
+    prompts = ["two red circles", "a blue square left of a red circle"]
+    cfg, cls = build(method, beta=0.0, pretrain_weight=0.5)
+    plain_cfg, _ = build(method, beta=0.0)
+    algo, plain = cls(cfg, reward=verifier_reward), cls(plain_cfg, reward=verifier_reward)
+    plain.old = algo.old  # the same old policy (collect sets it)
+    batch = algo.collect(model, prompts, epoch=0, seed=3)
+    micro = next(iter(algo.minibatches(batch, torch.Generator().manual_seed(0))))[0]
+    seed, t, eps = micro.reg
+    assert t.shape == (len(micro.idx),) and eps.shape == (len(micro.idx), 3, 32, 32)
+    loss, stats = algo.loss(model, micro)
+    base, _ = plain.loss(model, micro)
+    # by hand: renders of the micro-batch's prompts, noised at the drawn t, the velocity target
+    images, _ = shapes.render_batch([batch.prompts[i] for i in micro.idx.tolist()], seed=seed)
+    x0 = model.encode_images(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    tt = t.clamp_min(1e-4)
+    alpha, sigma = model.schedule.alpha_sigma(tt)
+    alpha, sigma = alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
+    cond = model.encode_prompts([batch.prompts[i] for i in micro.idx.tolist()])
+    pred = model(alpha * x0 + sigma * eps, tt, cond)
+    want = ((pred - from_x0_eps(x0, eps, alpha, sigma, "flow")) ** 2).mean()
+    torch.testing.assert_close(stats["pretrain_loss"], want.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, base + 0.5 * want, rtol=1e-4, atol=1e-6)
+    # off: nothing drawn, so the generator's stream (and every existing run) is unchanged
+    assert next(iter(plain.minibatches(batch, torch.Generator().manual_seed(0))))[0].reg is None
+    batch.prompts = ["red circle left"] * len(batch)  # in the vocabulary, not a world prompt: nothing to render
+    with pytest.raises(ValueError, match="renders shapes-world prompts"):
+        algo.loss(model, micro)
 
 
 # ----- it learns ----------------------------------------------------------------------------------

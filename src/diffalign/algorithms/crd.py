@@ -110,7 +110,7 @@ class CRD(ForwardProcessRL):
             noise = torch.randn((n_groups * cfg.timesteps_per_sample, *x0.shape[1:]), generator=generator)
             noise = noise.repeat_interleave(G, dim=0).to(x0.dtype)
             unit = torch.arange(n_groups * cfg.timesteps_per_sample).repeat_interleave(G)
-            yield [ForwardMicroBatch(batch, idx[s], t[s], noise[s], unit[s])
+            yield [ForwardMicroBatch(batch, idx[s], t[s], noise[s], unit[s], reg=self.draw_reg(len(s), x0, generator))
                    for s in torch.arange(len(idx)).split(cfg.micro_batch_size)]
 
     def kl_coef(self, batch: Batch) -> float:

@@ -36,6 +36,13 @@ The *old* policy of NFT / AWM / CRD is a copy of the trained weights updated onc
 ``old <- d old + (1 - d) theta`` with ``d = min(decay_start + decay_slope * epoch, decay_max)``;
 ``d = 0`` makes it the current policy (on-policy). It is part of the algorithm's state, so
 ``--resume`` restores it.
+
+``pretrain_weight > 0`` adds the pretraining (denoising) loss on renders of the epoch's prompts at
+``t ~ U[0, 1]`` (shapes-world prompts: the world's renderer is the pretraining data), the data
+regulariser of ReFL (Xu et al. 2023, "ImageReward: Learning and Evaluating Human Preferences for
+Text-to-Image Generation") and DPOK (Fan et al. 2023) applied to the forward-process methods: the
+reward loss trains a window of ``t`` (``t_min``-``t_max``), and the regulariser keeps the rest of the
+range, which the trained weights share, on the data (docs/shapes.md, "The demo on the v2 base").
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from ..core.parametrization import (
 )
 from ..core.prompts import negative_prompts
 from ..core.steps import SAMPLERS
+from ..worlds import shapes
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import (
     Batch,
@@ -88,6 +96,7 @@ class ForwardProcessConfig:
     # range the decoded image -- what the reward saw -- is clamped to); 0 = off (latent models)
     negative_weight: float = 1.0  # scale of negative advantages (0: learn from the better-than-average samples only)
     beta: float = 0.0  # KL (velocity MSE) to the reference (pretrained) model
+    pretrain_weight: float = 0.0  # weight of the pretraining loss on world renders at t ~ U[0, 1] (0 = off)
     kl_guidance_scale: float = 1.0  # CFG of the reference prediction in the KL term (CRD anchors to the guided model)
     decay_start: float = 0.0  # old-policy decay schedule d = min(start + slope * epoch, max)
     decay_slope: float = 0.0
@@ -117,6 +126,7 @@ class ForwardProcessConfig:
         check_range("negative_weight", self.negative_weight, 0, 1)
         check_range("x0_clip", self.x0_clip, 0, None)
         check_range("beta", self.beta, 0, None)
+        check_range("pretrain_weight", self.pretrain_weight, 0, None)
         for name in ("decay_start", "decay_max"):
             check_range(name, getattr(self, name), 0, 1, hi_open=True)
         check_range("decay_slope", self.decay_slope, 0, None)
@@ -139,6 +149,7 @@ class ForwardMicroBatch:
     t: Tensor  # [m] training times
     noise: Tensor  # [m, ...] eps
     unit: Tensor | None = None  # [m] comparison unit (CRD: one group at one shared noise draw)
+    reg: tuple[int, Tensor, Tensor] | None = None  # pretraining regulariser: (render seed, t [m], eps [m, ...])
 
 
 def sample_times(n: int, cfg: ForwardProcessConfig, generator: torch.Generator) -> Tensor:
@@ -269,8 +280,37 @@ class ForwardProcessRL:
             idx = chunk.repeat(cfg.timesteps_per_sample)
             t = sample_times(len(idx), cfg, generator)
             noise = torch.randn((len(idx), *x0.shape[1:]), generator=generator).to(x0.dtype)
-            yield [ForwardMicroBatch(batch, idx[s], t[s], noise[s])
+            yield [ForwardMicroBatch(batch, idx[s], t[s], noise[s], reg=self.draw_reg(len(s), x0, generator))
                    for s in torch.arange(len(idx)).split(cfg.micro_batch_size)]
+
+    def draw_reg(self, n: int, x0: Tensor, generator: torch.Generator) -> tuple[int, Tensor, Tensor] | None:
+        """The regulariser's render seed, times and noise for ``n`` samples (from ``generator``, so a
+        resumed run draws the same); None when ``pretrain_weight`` is 0 (nothing drawn)."""
+        if self.cfg.pretrain_weight == 0:
+            return None
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        t = torch.rand(n, generator=generator)
+        return seed, t, torch.randn((n, *x0.shape[1:]), generator=generator).to(x0.dtype)
+
+    def pretrain_term(self, model, micro: ForwardMicroBatch, cond: Any) -> Tensor:
+        """The pretraining loss of the conditional prediction on renders of the micro-batch's prompts."""
+        prompts = [micro.batch.prompts[i] for i in micro.idx.tolist()]
+        bad = [p for p in prompts if not shapes.is_prompt(p)]
+        if bad:
+            raise ValueError(f"{self.name}: pretrain_weight > 0 renders shapes-world prompts as its data, got "
+                             f"{bad[0]!r}; set pretrain_weight: 0 for other prompts")
+        seed, t, eps = micro.reg
+        device = micro.batch.latents.device
+        images, _ = shapes.render_batch(prompts, seed=seed)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
+        x0 = _unwrap(model).encode_images(pixels).to(micro.batch.latents.dtype)
+        t = t.to(device).clamp_min(1e-4)
+        alpha, sigma = model_schedule(model).alpha_sigma(t)
+        shape = (-1, *[1] * (x0.ndim - 1))
+        alpha, sigma = alpha.to(x0.dtype).view(shape), sigma.to(x0.dtype).view(shape)
+        eps = eps.to(device)
+        target = from_x0_eps(x0, eps, alpha, sigma, model_prediction_type(model))
+        return matching_loss(model(alpha * x0 + sigma * eps, t.to(x0.dtype), cond), target).mean()
 
     # -- pieces for the losses ----------------------------------------------------------------
     def noised(self, model, micro: ForwardMicroBatch) -> tuple[Tensor, Tensor, Tensor, Any, Any, Tensor, Tensor]:
@@ -324,6 +364,10 @@ class ForwardProcessRL:
             kl = self.kl_term(pred, x_t, t, cond, uncond).mean()
             loss = loss + coef * kl
             stats["kl"], stats["kl_coef"] = kl.detach(), coef
+        if cfg.pretrain_weight > 0:
+            reg = self.pretrain_term(model, micro, cond)
+            loss = loss + cfg.pretrain_weight * reg
+            stats["pretrain_loss"] = reg.detach()
         stats["loss"] = loss.detach()
         return loss, stats
 
