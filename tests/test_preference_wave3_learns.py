@@ -12,15 +12,15 @@ PAIRS = {"source": "policy", "pairs_per_epoch": 4, "group_size": 8, "inner_epoch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,extra,lr", [
-    ("sdpo", {**PAIRS, "train_guidance_scale": 3.0}, 3e-5),
-    ("smpo", PAIRS, 3e-5),
-    ("dense_reward_dpo", PAIRS, 3e-5),
-    ("ranking_dpo", PAIRS, 3e-5),
-    ("dcpo", PAIRS, 3e-5),
-    ("ipr", {"prompts_per_epoch": 8, "threshold": 0.0}, 1e-4),
+@pytest.mark.parametrize("method,extra,lr,epochs", [  # on the v2 base (0.857): SmPO 6 epochs +0.008, DCPO 3e-5 +0.010
+    ("sdpo", {**PAIRS, "train_guidance_scale": 3.0}, 3e-5, 6),
+    ("smpo", PAIRS, 3e-5, 12),
+    ("dense_reward_dpo", PAIRS, 3e-5, 6),
+    ("ranking_dpo", PAIRS, 3e-5, 6),
+    ("dcpo", PAIRS, 1e-4, 6),
+    ("ipr", {"prompts_per_epoch": 8, "threshold": 0.0}, 1e-4, 6),
 ])
-def test_it_learns_brightness(method, extra, lr, tmp_path):
-    tuned = train_on_subset(method, "brightness", lr, extra, tmp_path)
+def test_it_learns_brightness(method, extra, lr, epochs, tmp_path):
+    tuned = train_on_subset(method, "brightness", lr, extra, tmp_path, epochs=epochs)
     before, after = brightness(load_model("shapes-flow").eval()), brightness(tuned)
     assert after > before + 0.01, (before, after)

@@ -234,14 +234,14 @@ def surrogate(model, steps, seeds=4):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,extra", [
-    ("draft", {}), ("draft_k", {}), ("draft_lv", {}), ("alignprop", {}),
-    ("refl", {"beta": 0.1}), ("vgg_flow", {"beta": 0.002}),
+@pytest.mark.parametrize("method,extra,epochs", [  # the v2 base: lr 1e-4 over-shoots (0.63-0.72 from 0.72)
+    ("draft", {}, 16), ("draft_k", {}, 32), ("draft_lv", {}, 32), ("alignprop", {}, 32),
+    ("refl", {"beta": 0.1}, 48), ("vgg_flow", {"beta": 0.002}, 16),
 ])
-def test_it_learns_the_surrogate_on_a_fixed_prompt_subset(method, extra, tmp_path):
+def test_it_learns_the_surrogate_on_a_fixed_prompt_subset(method, extra, epochs, tmp_path):
     steps = 4
     algo = {"batch_size": 4, "micro_batch_size": 4, "num_steps": steps, **extra}
-    cfg = TrainConfig(model="shapes-flow", method=method, reward="shapes_soft", epochs=8, lr=3e-5,
+    cfg = TrainConfig(model="shapes-flow", method=method, reward="shapes_soft", epochs=epochs, lr=3e-5,
                       checkpoint_every=100, algorithm=algo, prompts=PromptsConfig(file=str(_prompt_file(tmp_path))))
     final = train(cfg, tmp_path / "run", progress=False)
     before, after = surrogate(load_model("shapes-flow"), steps), surrogate(load_model(final), steps)
