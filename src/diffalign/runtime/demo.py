@@ -36,7 +36,8 @@ def run_demo(config: str | Path = "configs/demo.yaml", run_dir: str | Path = "ru
         echo(f"removing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
     prompts = shapes.sample_prompts(eval_prompts, "heldout", seed=HELDOUT_SEED)
-    reward_list = [rewards.get("shapes"), rewards.get("shapes_correct")]
+    # the config's held-out rewards are evaluated too, so the report's hacking check sees them on these images
+    reward_list = [rewards.get(n) for n in dict.fromkeys(["shapes", "shapes_correct", *cfg.heldout_rewards])]
     eval_kw = dict(seeds_per_prompt=seeds_per_prompt, rewards=reward_list, target="shapes", seed=HELDOUT_SEED)
 
     t0 = time.time()
