@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             run_recipe(name, RECIPES[name], args, args.out, log)
     print(f"\n{'recipe':<14}{'split':<9}{'step':>6}" + "".join(f"{h:>14}" for h in HEADERS))
     for r in table:
-        print(f"{r['recipe']:<14}{r['split']:<9}{r['step']:>6}" + "".join(f"{r.get(m, np.nan):>14.3f}" for m in METRICS))
+        cells = "".join(f"{r.get(m, np.nan):>14.3f}" for m in METRICS)
+        print(f"{r['recipe']:<14}{r['split']:<9}{r['step']:>6}" + cells)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def test_learnability_benchmark_runs_and_writes_its_curves(tmp_path, capsys):
     import json
 
     rows = [json.loads(line) for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
-    assert [(r["recipe"], r["step"], r["split"]) for r in rows] == [("pos_high", 1, "heldout"), ("pos_high", 2, "heldout")]
+    got = [(r["recipe"], r["step"], r["split"]) for r in rows]
+    assert got == [("pos_high", 1, "heldout"), ("pos_high", 2, "heldout")]
     for r in rows:
         assert all(0 <= r[k] <= 1 for k in learnability.METRICS)
     assert "relation|both" in capsys.readouterr().out
@@ -215,7 +216,8 @@ def test_pretrain_ships_the_weights_it_is_told_and_reads_a_config_file(tmp_path)
                           "--out", str(tmp_path / "raw"), "--resume"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     again = ShapesDenoiser.from_pretrained(tmp_path / "raw")
-    assert again.sampling_defaults["guidance_scale"] == 4.5 and torch.equal(again.state_dict()[key], ema.state_dict()[key])
+    assert again.sampling_defaults["guidance_scale"] == 4.5
+    assert torch.equal(again.state_dict()[key], ema.state_dict()[key])
     bad = subprocess.run([sys.executable, "-m", "diffalign", "pretrain", "--config", str(tmp_path / "nope.yaml"),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "config file not found" in bad.stderr
