@@ -36,6 +36,7 @@ class FakeVLM:
                     n = len(fake.requests)
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                self._counted = True
                 try:
                     time.sleep(fake.delay)
                     if n <= fake.fail_first:
@@ -53,10 +54,18 @@ class FakeVLM:
                                               else "I cannot tell."}}
                     self._send(200, {"choices": [choice]})
                 finally:
+                    self._finish()
+
+            def _finish(self):
+                # a request stops counting before its answer goes out: the client may send its next request as
+                # soon as it has read this one, before this handler thread would get back to the lock
+                if getattr(self, "_counted", False):
+                    self._counted = False
                     with fake.lock:
                         fake.in_flight -= 1
 
             def _send(self, code, payload):
+                self._finish()
                 data = json.dumps(payload).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -94,11 +103,13 @@ def test_log_probs_give_p_yes(fake):
     out = r(torch.rand(2, 3, 16, 16), PROMPTS, meta)
     assert out.tolist() == pytest.approx([0.8, 0.2], abs=1e-6)
     assert meta[0]["vlm_judge"]["how"] == "logprobs"
-    path, body, auth = fake.requests[0]
+    # the two requests run concurrently: find the first prompt's by its text, not by arrival order
+    dog = [r for r in fake.requests if '"a dog on a beach"' in r[1]["messages"][0]["content"][1]["text"]]
+    assert len(dog) == 1 and len(fake.requests) == 2
+    path, body, auth = dog[0]
     assert path == "/v1/chat/completions" and auth == "Bearer K" and body["model"] == "fake-vl"
     assert body["logprobs"] is True and body["top_logprobs"] == 5 and body["temperature"] == 0.0
     assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
-    assert '"a dog on a beach"' in body["messages"][0]["content"][1]["text"]
 
 
 def test_plain_answers_and_unparsed(fake):
