@@ -241,3 +241,23 @@ def test_it_learns_to_raise_a_reward_on_fixed_prompts(tmp_path, method, kind, ex
     base, tuned = score(base_dir), score(final)
     print(f"{method}: brightness {base:.3f} -> {tuned:.3f}")
     assert tuned > base + 0.05, (base, tuned)
+
+
+def test_timestep_choice_noisiest_trains_the_first_steps_and_draws_like_random():
+    """``timestep_choice: noisiest`` trains the first ``timestep_fraction`` of the stochastic steps (the
+    high-noise end, where layout is decided); the generator advances as under ``random``."""
+    from types import SimpleNamespace
+
+    batch = SimpleNamespace(sde_mask=torch.tensor([True] * 9 + [False]))
+    picks = {}
+    for choice in ("random", "noisiest"):
+        cfg, cls = build("flow_grpo", beta=0.0, timestep_fraction=0.4, timestep_choice=choice)
+        algo = cls(cfg, reward=verifier_reward)
+        g = torch.Generator().manual_seed(5)
+        picks[choice] = algo.train_steps(batch, g)
+        picks[choice + "_next"] = torch.rand(1, generator=g).item()
+    assert picks["noisiest"] == [0, 1, 2, 3]
+    assert len(picks["random"]) == 4 and picks["random"] != [0, 1, 2, 3]
+    assert picks["random_next"] == picks["noisiest_next"]
+    with pytest.raises(ValueError, match="timestep_choice"):
+        build("flow_grpo", timestep_choice="early")

@@ -42,6 +42,7 @@ class PolicyGradientConfig:
     adv_clip_max: float = 5.0  # advantages are clipped to [-A, A]
     beta: float = 0.0  # KL(policy || reference) coefficient
     timestep_fraction: float = 1.0  # share of the stochastic steps trained on per epoch
+    timestep_choice: str = "random"  # which of them: random (Flow-GRPO, DDPO) | noisiest (the first, where layout is decided)
     inner_epochs: int = 1  # PPO passes over each rollout batch
     sample_batch_size: int = 64  # images per sampling pass of the rollout (CFG doubles the backbone batch)
     micro_batch_size: int = 32  # rows (sample x trained timestep) per forward pass; CFG doubles the backbone batch
@@ -60,6 +61,7 @@ class PolicyGradientConfig:
         check_positive("adv_clip_max", self.adv_clip_max)
         check_range("beta", self.beta, 0, None)
         check_range("timestep_fraction", self.timestep_fraction, 0, 1, lo_open=True)
+        check_choice("timestep_choice", self.timestep_choice, ["random", "noisiest"])
         check_range("clip_sample", self.clip_sample, 0, None)
         if self.clip_sample and self.sampler != "ddim":
             raise ValueError(f"clip_sample applies to the 'ddim' sampler only, got sampler {self.sampler!r}")
@@ -175,13 +177,18 @@ class OnlinePolicyGradient:
         return batch
 
     def train_steps(self, batch: Batch, generator: torch.Generator) -> list[int]:
-        """The stochastic steps trained on this epoch (a random ``timestep_fraction`` of them)."""
+        """The stochastic steps trained on this epoch: a ``timestep_fraction`` of them, drawn at random
+        (``timestep_choice: random``) or the noisiest ones (``noisiest``: the first steps of the
+        trajectory, where a layout is decided; the generator is advanced alike, so the rest of a run
+        draws the same numbers under either choice)."""
         steps = [j for j in range(len(batch.sde_mask)) if batch.sde_mask[j]]
         if not steps:
             raise ValueError(f"{self.name}: no stochastic step to train on (sampler {self.cfg.sampler!r}, eta "
                              f"{self.cfg.eta}); the policy has no log-probs")
         k = max(1, round(self.cfg.timestep_fraction * len(steps)))
         order = torch.randperm(len(steps), generator=generator)[:k].sort().values
+        if self.cfg.timestep_choice == "noisiest":
+            return steps[:k]
         return [steps[i] for i in order]
 
     def minibatches(self, batch: Batch, generator: torch.Generator) -> Iterator[list[MicroBatch]]:
