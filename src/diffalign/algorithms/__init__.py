@@ -8,6 +8,7 @@ from . import (b2_diffurl, crd, ddpo, dense_grpo, forward_process, g2rpo, grpo, 
                stepwise_preference, tp_grpo, vard, vgg_flow)
 from . import (adaptive_dpo, balanced_dpo, dcpo, dense_reward_dpo, inversion_preference, lpo, ppd, ranking, sdpo,
                self_npo)
+from . import dense_dpo, video_dpo
 
 # method name -> (config class, algorithm class, preset overrides of the config defaults)
 METHODS: dict[str, tuple[type, type, dict[str, Any]]] = {
@@ -20,6 +21,7 @@ METHODS: dict[str, tuple[type, type, dict[str, Any]]] = {
     **npo.PRESETS,
     **{k: v for m in (sdpo, inversion_preference, dense_reward_dpo, ranking, dcpo, balanced_dpo, adaptive_dpo, ppd,
                       self_npo, lpo) for k, v in m.PRESETS.items()},
+    **dense_dpo.PRESETS, **video_dpo.PRESETS,  # video preference (DenseDPO, VideoDPO)
     **{name: (reward_gradient.RewardGradientConfig, reward_gradient.RewardGradient, preset)
        for name, preset in reward_gradient.PRESETS.items()},
     **{name: (vgg_flow.VGGFlowConfig, vgg_flow.VGGFlow, preset) for name, preset in vgg_flow.PRESETS.items()},
