@@ -44,8 +44,7 @@ def row_times(trainer: Trainer, epoch: int) -> torch.Tensor:
     prompts = trainer.prompts.sample(trainer.algo_cfg.prompts_per_epoch, seed)
     model = trainer._policy()
     model.eval()
-    with torch.no_grad():
-        batch = trainer.algorithm.collect(model, prompts, epoch=epoch, seed=seed)
+    batch = trainer.algorithm.collect(model, prompts, epoch=epoch, seed=seed)  # VARD fits its value here
     gen = torch.Generator().manual_seed(seed + 1)
     out = []
     for micro_batches in trainer.algorithm.minibatches(batch, gen):
@@ -88,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         if not config_path(m).is_file():
             raise SystemExit(f"--methods: no shipped config for {m!r} ({config_path(m)}); choose from "
                              + ", ".join(METHODS))
-    results = {m: measure(m, args.epochs, args.set) for m in methods}
+    results = {}
+    for m in methods:
+        results[m] = measure(m, args.epochs, args.set)
+        print(f"[{m}] {results[m]}", flush=True)
     print(f"{'method':>11}  {'rows':>6}  {'t>=0.8':>6}  {'t>=0.6':>6}  {'mean t':>6}  knobs")
     print(f"{'uniform':>11}  {'-':>6}  {0.2:6.3f}  {0.4:6.3f}  {0.5:6.3f}  t ~ U[0, 1] (the reference)")
     for m, r in results.items():
