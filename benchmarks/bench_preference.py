@@ -8,7 +8,7 @@ model guided by ``RUN_DIR/final`` in the unconditional branch (Diffusion-NPO, Se
 ``--ppd LABEL=RUN_DIR:USER`` evaluates ``RUN_DIR/final`` conditioned on user ``USER``'s embedding
 (personalised fine-tuning; the embeddings are read from the run's checkpoint). Wall time is the
 run's ``elapsed_s`` (training, without the final save) from ``RUN_DIR/metrics.jsonl``. Sampling:
-the base model's defaults (10 Euler steps, CFG 3 for shapes-flow).
+the base model's defaults (10 Euler steps, its default CFG: 4.5 for the v2 `shapes-flow`).
 
 Accuracy is given with its standard error over prompts (each prompt's seeds averaged first);
 ``--compare LABEL`` adds every model's accuracy difference to that model's, paired on the same

@@ -221,3 +221,19 @@ def test_pretrain_ships_the_weights_it_is_told_and_reads_a_config_file(tmp_path)
     bad = subprocess.run([sys.executable, "-m", "diffalign", "pretrain", "--config", str(tmp_path / "nope.yaml"),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "config file not found" in bad.stderr
+
+
+def test_relation_finetune_benchmark_runs_and_writes_its_curve(tmp_path):
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import relation_finetune
+
+    rows = relation_finetune.main(["--epochs", "2", "--every", "1", "--prompts", "3", "--seeds", "1",
+                                   "--out", str(tmp_path), "--set", "prompts.relation_fraction=1.0",
+                                   "algorithm.batch_size=16", "algorithm.pretrain_weight=0"])
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and [r["images"] for r in rows] == [0, 16, 32]
+    assert all(0 <= r["relation"] <= 1 and abs(3 * r["relation"] - round(3 * r["relation"])) < 1e-3 for r in rows)
+    saved = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert saved == rows and (tmp_path / "run" / "checkpoints").is_dir()
+    assert all(shapes.parse(p).kind == "relation" for p in relation_finetune.relation_prompts(5))
