@@ -25,6 +25,7 @@ from torch import Tensor
 from ..core.parametrization import cond_cat, cond_index
 from ..core.prompts import negative_prompts
 from ..core.sampling import sample, seeded_noise
+from ..worlds import shapes
 
 
 @dataclass(frozen=True)
@@ -335,3 +336,15 @@ def reward_stats(batch: Batch) -> dict[str, float]:
     zero_std = np.mean([float(len(x) > 1 and x.std() == 0) for x in groups])
     return {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(),
             "frac_zero_std_groups": float(zero_std)}
+
+
+def render_latents(model, prompts: Sequence[str], seed: int, device: torch.device | str, *, what: str) -> Tensor:
+    """The shapes world's renders of ``prompts`` (seeded like ``shapes.render_batch``), encoded by the
+    model (``model.encode_images``): a regulariser's data (ReFL / DPOK's pretraining loss). Other
+    prompts are refused with ``what`` (the setting that asked for renders and how to turn it off)."""
+    bad = [p for p in prompts if not shapes.is_prompt(p)]
+    if bad:
+        raise ValueError(what.format(prompt=repr(bad[0])))
+    images, _ = shapes.render_batch(list(prompts), seed=seed)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
+    return model.encode_images(pixels)

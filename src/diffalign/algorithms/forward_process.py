@@ -65,12 +65,12 @@ from ..core.parametrization import (
 )
 from ..core.prompts import negative_prompts
 from ..core.steps import SAMPLERS
-from ..worlds import shapes
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import (
     Batch,
     check_group_batching,
     group_advantages,
+    render_latents,
     reward_stats,
     rollout,
 )
@@ -295,15 +295,11 @@ class ForwardProcessRL:
     def pretrain_term(self, model, micro: ForwardMicroBatch, cond: Any) -> Tensor:
         """The pretraining loss of the conditional prediction on renders of the micro-batch's prompts."""
         prompts = [micro.batch.prompts[i] for i in micro.idx.tolist()]
-        bad = [p for p in prompts if not shapes.is_prompt(p)]
-        if bad:
-            raise ValueError(f"{self.name}: pretrain_weight > 0 renders shapes-world prompts as its data, got "
-                             f"{bad[0]!r}; set pretrain_weight: 0 for other prompts")
         seed, t, eps = micro.reg
         device = micro.batch.latents.device
-        images, _ = shapes.render_batch(prompts, seed=seed)
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
-        x0 = _unwrap(model).encode_images(pixels).to(micro.batch.latents.dtype)
+        what = (f"{self.name}: pretrain_weight > 0 renders shapes-world prompts as its data, got {{prompt}}; "
+                "set pretrain_weight: 0 for other prompts")
+        x0 = render_latents(_unwrap(model), prompts, seed, device, what=what).to(micro.batch.latents.dtype)
         t = t.to(device).clamp_min(1e-4)
         alpha, sigma = model_schedule(model).alpha_sigma(t)
         shape = (-1, *[1] * (x0.ndim - 1))

@@ -46,8 +46,8 @@ from ..core.parametrization import (
 from ..core.prompts import negative_prompts
 from ..core.sampling import Trajectory, sample, seeded_noise
 from ..core.steps import SAMPLERS, get_step
-from ..worlds import shapes
 from ._policy_gradient import _unwrap
+from ._rollout import render_latents
 
 MODES = ("draft", "alignprop", "refl")
 
@@ -244,13 +244,9 @@ class RewardGradient:
     def pretrain_data(self, m, batch: GradientBatch) -> Tensor:
         """``x_0`` for the regulariser: the shapes renderer's images of the prompts, or base-model samples."""
         if self.cfg.pretrain_data == "world":
-            bad = [p for p in batch.prompts if not shapes.is_prompt(p)]
-            if bad:
-                raise ValueError(f"{self.name}: pretrain_data 'world' renders shapes-world prompts only, got {bad[0]!r}"
-                                 "; use pretrain_data 'reference' for other prompts")
-            images, _ = shapes.render_batch(batch.prompts, seed=batch.seed)
-            pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-            return m.encode_images(pixels.to(batch.noise.device))
+            what = (f"{self.name}: pretrain_data 'world' renders shapes-world prompts only, got {{prompt}}; "
+                    "use pretrain_data 'reference' for other prompts")
+            return render_latents(m, batch.prompts, batch.seed, batch.noise.device, what=what)
         data_noise = seeded_noise(m.sample_shape, [batch.seed + len(batch) + i for i in range(len(batch))],
                                   batch.noise.device)
         return self.reference(lambda ref: self.run_chain(ref, batch.cond, batch.uncond, data_noise, False,
