@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The measurement of docs/algorithms/preference.md ("Wave 3: measured"): every wave-3 method beside
-# Diffusion-DPO on the shapes world, at equal numbers of pairs (64 a epoch, 150 epochs), once with
-# the pairs file of configs/dpo_shapes.yaml and once with fresh on-policy pairs of the base ranked by
-# the verifier (`algorithm.source=reference`), then one evaluation of every run.
+# The measurement of docs/algorithms/preference.md ("Wave 3: measured"): the wave-3 methods beside
+# Diffusion-DPO on the shapes world, at equal numbers of pairs -- with the pairs file of
+# configs/dpo_shapes.yaml (64 pairs an epoch, 150 epochs: 9,600 pairs) and with fresh on-policy pairs of
+# the base ranked by the verifier (`algorithm.source=reference`; sampling dominates, ~17 s an epoch on
+# one thread, so ONPOLICY_EPOCHS=25: 1,600 pairs) -- then one evaluation per setting, paired against
+# Diffusion-DPO of the same setting.
 #
 #   bash benchmarks/preference_wave3.sh [STEP]     # STEP: pairs | train | eval | all (default)
+#   EXTRA=1 bash benchmarks/preference_wave3.sh train   # also the runs not in the measured table
 #
 # Each training run is its own command under the shared CPU lock (/tmp/diffalign-cpu.lock), so
 # other jobs are not starved; RUNS (default runs/w3) holds the run directories. Re-running skips
@@ -16,6 +19,8 @@ PY=${PY:-python}
 LOCK=${LOCK:-/tmp/diffalign-cpu.lock}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 STEP=${1:-all}
+ONPOLICY_EPOCHS=${ONPOLICY_EPOCHS:-25}
+EXTRA=${EXTRA:-0}
 locked() { flock "$LOCK" nice -n 10 "$@"; }
 
 pairs() {
@@ -40,13 +45,17 @@ run() {  # run LABEL CONFIG [OVERRIDES...]
 }
 
 train() {
-  local onpolicy=(algorithm.source=reference 'algorithm.data=""')
+  local onpolicy=(algorithm.source=reference 'algorithm.data=""' epochs=$ONPOLICY_EPOCHS)
   for m in dpo sdpo inpo smpo inversion_dpo dense_reward_dpo dcpo balanced_dpo adaptive_dpo; do
     run "$m-file" "${m}_shapes"
+  done
+  run ranking_dpo-file ranking_dpo_shapes algorithm.source=file algorithm.data=runs/pairs/shapes-flow-train
+  for m in dpo sdpo balanced_dpo; do
     run "$m-onpolicy" "${m}_shapes" "${onpolicy[@]}"
   done
-  run ranking_dpo-onpolicy ranking_dpo_shapes                       # lists of 4 ranked by the verifier
-  run ranking_dpo-file ranking_dpo_shapes algorithm.source=file algorithm.data=runs/pairs/shapes-flow-train
+  [ "$EXTRA" = 1 ] || return 0
+  for m in inpo dense_reward_dpo dcpo adaptive_dpo; do run "$m-onpolicy" "${m}_shapes" "${onpolicy[@]}"; done
+  run ranking_dpo-onpolicy ranking_dpo_shapes epochs=$ONPOLICY_EPOCHS  # lists of 4 ranked by the verifier
   run ppd-onpolicy ppd_shapes
   run ppd-file ppd_file_shapes
   run self_npo self_npo_shapes                                       # no pairs: the base's own samples
@@ -54,15 +63,21 @@ train() {
   run lpo lpo_shapes                                                 # LRM from the pairs file, then step pairs
 }
 
-evaluate() {
-  local args=(--prompts 500 --seeds 2 --compare dpo-file --metrics shapes_soft,colorfulness
-              --out "$RUNS/eval.json" --npo "self_npo=$RUNS/self_npo"
-              --ppd "ppd-onpolicy=$RUNS/ppd-onpolicy:correct" --ppd "ppd-file=$RUNS/ppd-file:reward:shapes")
-  for d in "$RUNS"/*/; do
-    label=$(basename "$d")
-    case $label in self_npo|ppd-*) ;; *) [ -d "$d/final" ] && args+=(--run "$label=$d") ;; esac
+evaluate() {  # one table per setting, each paired against its Diffusion-DPO run
+  local common=(--prompts 400 --seeds 2 --metrics shapes_soft,colorfulness)
+  for setting in file onpolicy; do
+    local args=()
+    for d in "$RUNS"/*-"$setting"/; do
+      [ -d "$d/final" ] && args+=(--run "$(basename "$d")=$d")
+    done
+    locked $PY benchmarks/bench_preference.py "${common[@]}" --compare "dpo-$setting" \
+      --out "$RUNS/eval_$setting.json" "${args[@]}"
   done
-  locked $PY benchmarks/bench_preference.py "${args[@]}"
+  [ "$EXTRA" = 1 ] || return 0
+  local extra=(--compare dpo-file --run "dpo-file=$RUNS/dpo-file" --npo "self_npo=$RUNS/self_npo"
+               --ppd "ppd-onpolicy=$RUNS/ppd-onpolicy:correct" --ppd "ppd-file=$RUNS/ppd-file:reward:shapes")
+  for r in ipr lpo; do [ -d "$RUNS/$r/final" ] && extra+=(--run "$r=$RUNS/$r"); done
+  locked $PY benchmarks/bench_preference.py "${common[@]}" "${extra[@]}" --out "$RUNS/eval_extra.json"
 }
 
 case $STEP in
