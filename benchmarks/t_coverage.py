@@ -53,7 +53,7 @@ def row_times(trainer: Trainer, epoch: int) -> torch.Tensor:
                 out.append(batch.t[micro.steps.long()].double())
             else:  # a forward-process row: its own t
                 out.append(torch.as_tensor(micro.t).double().flatten())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)  # VARD's warm-up epochs train nothing
 
 
 def measure(method: str, epochs: int, overrides: list[str]) -> dict:
