@@ -50,12 +50,12 @@ train() {
     run "$m-file" "${m}_shapes"
   done
   run ranking_dpo-file ranking_dpo_shapes algorithm.source=file algorithm.data=runs/pairs/shapes-flow-train
-  for m in dpo sdpo balanced_dpo; do
+  for m in dpo sdpo balanced_dpo adaptive_dpo; do
     run "$m-onpolicy" "${m}_shapes" "${onpolicy[@]}"
   done
-  [ "$EXTRA" = 1 ] || return 0
-  for m in inpo dense_reward_dpo dcpo adaptive_dpo; do run "$m-onpolicy" "${m}_shapes" "${onpolicy[@]}"; done
   run ranking_dpo-onpolicy ranking_dpo_shapes epochs=$ONPOLICY_EPOCHS  # lists of 4 ranked by the verifier
+  [ "$EXTRA" = 1 ] || return 0
+  for m in inpo dense_reward_dpo dcpo; do run "$m-onpolicy" "${m}_shapes" "${onpolicy[@]}"; done
   run ppd-onpolicy ppd_shapes
   run ppd-file ppd_file_shapes
   run self_npo self_npo_shapes                                       # no pairs: the base's own samples
