@@ -13,7 +13,9 @@ the base model's defaults (10 Euler steps, its default CFG: 4.5 for the v2 `shap
 Accuracy is given with its standard error over prompts (each prompt's seeds averaged first);
 ``--compare LABEL`` adds every model's accuracy difference to that model's, paired on the same
 prompts and seeds, with its standard error. ``--metrics a,b`` reports the mean of more rewards
-(BalancedDPO's metrics) with their standard errors.
+(BalancedDPO's metrics) with their standard errors. ``--split train`` draws the prompts from the
+training split instead, to choose a method's hyperparameters without looking at the held-out prompts
+(docs/algorithms/preference.md, "Tuned per method").
 """
 
 from __future__ import annotations
@@ -85,7 +87,10 @@ def main() -> None:
     p.add_argument("--ppd", action="append", default=[], help="LABEL=RUN_DIR:USER: RUN_DIR/final as user USER (the first colon splits)")
     p.add_argument("--compare", default="", help="label whose accuracy the others are compared with (paired)")
     p.add_argument("--metrics", default="", help="comma-separated rewards to report beside the verifier")
-    p.add_argument("--prompts", type=int, default=200, help="held-out prompts")
+    p.add_argument("--prompts", type=int, default=200, help="prompts drawn from --split")
+    p.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                   help="prompt split: heldout (the reported figures) or train (choosing hyperparameters "
+                        "without looking at the held-out prompts)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (>= 2 for diversity)")
     p.add_argument("--prompt-seed", type=int, default=2024)
     p.add_argument("--out", default="", help="write the full evaluation JSON here")
@@ -104,7 +109,7 @@ def main() -> None:
         models[label] = ppd_model(d, user)
     if args.compare and args.compare not in models:
         raise SystemExit(f"--compare {args.compare!r} is not one of the models {sorted(models)}")
-    prompts = shapes.sample_prompts(args.prompts, "heldout", seed=args.prompt_seed)
+    prompts = shapes.sample_prompts(args.prompts, args.split, seed=args.prompt_seed)
     correct = Recorder(rewards.get("shapes_correct"))
     extra = [rewards.get(name) for name in args.metrics.split(",") if name]
     result = evaluator.evaluate(models, prompts, seeds_per_prompt=args.seeds,
@@ -113,7 +118,7 @@ def main() -> None:
     # evaluate scores the models one after another, each in the same number of calls
     per_model = dict(zip(models, np.split(torch.cat(correct.calls).numpy(), len(models))))
     info = {k: run_info(d) for k, d in {**runs, **npo_runs, **{k: v[0] for k, v in ppd_runs.items()}}.items()}
-    print(f"held-out: {args.prompts} prompts x {args.seeds} seeds (prompt seed {args.prompt_seed}), "
+    print(f"{args.split}: {args.prompts} prompts x {args.seeds} seeds (prompt seed {args.prompt_seed}), "
           f"sampling {result['sampling']}")
     P = args.prompts
     vs_col = [f"accuracy - {args.compare}"] if args.compare else []
