@@ -6,8 +6,13 @@
 # one thread, so ONPOLICY_EPOCHS=25: 1,600 pairs) -- then one evaluation per setting, paired against
 # Diffusion-DPO of the same setting.
 #
-#   bash benchmarks/preference_wave3.sh [STEP]     # STEP: pairs | train | eval | all (default)
+#   bash benchmarks/preference_wave3.sh [STEP]     # STEP: pairs | train | eval | tune | all (default)
 #   EXTRA=1 bash benchmarks/preference_wave3.sh train   # also the runs not in the measured table
+#
+# `tune` is how the shipped learning rates were chosen ("Tuned per method"): every file-pairs method and
+# Diffusion-DPO itself at lr 3e-5 and 1e-5 (DPO also 1e-4; Dense-reward DPO and SmPO also 3e-6), 9,600
+# pairs each, scored on 400 *training-split* prompts x 2 seeds (prompt seed 11), so the held-out prompts
+# of `eval` play no part in the choice.
 #
 # Each training run is its own command under the shared CPU lock (/tmp/diffalign-cpu.lock), so
 # other jobs are not starved; RUNS (default runs/w3) holds the run directories. Re-running skips
@@ -80,10 +85,26 @@ evaluate() {  # one table per setting, each paired against its Diffusion-DPO run
   locked $PY benchmarks/bench_preference.py "${common[@]}" "${extra[@]}" --out "$RUNS/eval_extra.json"
 }
 
+tune() {
+  local grid=() args=()
+  for m in dpo sdpo dense_reward_dpo dcpo balanced_dpo adaptive_dpo inpo smpo inversion_dpo; do
+    grid+=("$m 3e-5" "$m 1e-5")
+  done
+  grid+=("dpo 1e-4" "dense_reward_dpo 3e-6" "smpo 3e-6")
+  for item in "${grid[@]}"; do
+    set -- $item
+    run "$1-lr$2" "$1_shapes" lr=$2 eval_every=0
+    args+=(--run "$1-lr$2=$RUNS/$1-lr$2")
+  done
+  locked $PY benchmarks/bench_preference.py --split train --prompts 400 --seeds 2 --prompt-seed 11 \
+    --metrics shapes_soft,colorfulness --compare dpo-lr3e-5 --out "$RUNS/eval_tune_train.json" "${args[@]}"
+}
+
 case $STEP in
   pairs) pairs ;;
   train) train ;;
   eval) evaluate ;;
+  tune) pairs; tune ;;
   all) pairs; train; evaluate ;;
-  *) echo "usage: $0 [pairs|train|eval|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [pairs|train|eval|tune|all]" >&2; exit 2 ;;
 esac
