@@ -34,13 +34,23 @@ def main() -> None:
     p.add_argument("--reward", default="shapes")
     p.add_argument("--batch", type=int, default=64, help="images per epoch (8 per prompt)")
     p.add_argument("--num-batches", type=int, default=6)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG of the rollouts and the loss (default: the model's own sampling default; "
+                        "the v1 figures of docs/algorithms/step_credit.md were measured at 3.0)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = load_model(args.model)
     model.requires_grad_(False)
     model.trainable_module().requires_grad_(True)
     params = [q for q in model.parameters() if q.requires_grad]
-    opts = {"group_size": 8, "batch_size": args.batch, "num_steps": 10, "guidance_scale": 3.0, "micro_batch_size": 64}
+    guidance = args.guidance_scale
+    if guidance is None:
+        guidance = float(model.sampling_defaults.get("guidance_scale", 1.0))
+    opts = {"group_size": 8, "batch_size": args.batch, "num_steps": 10, "guidance_scale": guidance,
+            "micro_batch_size": 64}
     if args.method not in FORWARD_PROCESS:  # the policy-gradient family: the demo's SDE settings, no KL
         opts.update(eta=0.7, clip_range=1e-3, beta=0.0, timestep_fraction=1.0)
     if args.method == "vard":  # its value is fitted on each epoch's own rollouts inside collect: no warm-up here
@@ -63,7 +73,7 @@ def main() -> None:
     grads = [gradient(100 + i) for i in range(args.num_batches)]
     cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(grads, 2)]
     norm = float(torch.stack(grads).norm(dim=1).mean())
-    print(f"{args.method} / {args.reward}, {args.batch} images per epoch, {args.num_batches} epochs: "
+    print(f"{args.method} / {args.reward}, guidance {guidance}, {args.batch} images per epoch, {args.num_batches} epochs: "
           f"pairwise cosine {np.mean(cos):+.3f} +- {np.std(cos):.3f}, gradient norm {norm:.3e}")
 
 
