@@ -18,15 +18,11 @@
 # other jobs are not starved; RUNS (default runs/w3) holds the run directories. Re-running skips
 # runs whose final/ model exists.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/w3}
-PY=${PY:-python}
-LOCK=${LOCK:-/tmp/diffalign-cpu.lock}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+source "$(dirname "$0")/_runs.sh"
 STEP=${1:-all}
 ONPOLICY_EPOCHS=${ONPOLICY_EPOCHS:-25}
 EXTRA=${EXTRA:-0}
-locked() { flock "$LOCK" nice -n 10 "$@"; }
 
 pairs() {
   [ -f runs/pairs/shapes-flow-train/pairs.jsonl ] || locked $PY -m diffalign make-pairs --model shapes-flow \
@@ -39,14 +35,6 @@ pairs() {
     $PY -c "from diffalign.data import load_pairs as L, write_jsonl_pairs as W; \
 W(L('runs/pairs/ppd-correct') + L('runs/pairs/ppd-bright'), 'runs/pairs/ppd/pairs.jsonl')"
   fi
-}
-
-run() {  # run LABEL CONFIG [OVERRIDES...]
-  local label=$1 config=$2
-  shift 2
-  [ -d "$RUNS/$label/final" ] && return
-  locked $PY -m diffalign train "configs/$config.yaml" "$@" --run-dir "$RUNS/$label" \
-    $( [ -f "$RUNS/$label/checkpoints/latest.pt" ] && echo --resume )
 }
 
 train() {

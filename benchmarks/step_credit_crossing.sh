@@ -8,21 +8,9 @@
 #
 # One thread per run under the shared CPU lock (/tmp/diffalign-cpu.lock); re-running skips finished runs.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/crossing}
-PY=${PY:-python}
-LOCK=${LOCK:-/tmp/diffalign-cpu.lock}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-locked() { flock "$LOCK" nice -n 10 "$@"; }
+source "$(dirname "$0")/_runs.sh"
 common=(eval_every=0 'heldout_rewards=[]' algorithm.guidance_scale=4.5)
-
-run() {  # run LABEL CONFIG [OVERRIDES...]
-  local label=$1 config=$2
-  shift 2
-  [ -d "$RUNS/$label/final" ] && return
-  locked $PY -m diffalign train "configs/$config.yaml" "$@" --run-dir "$RUNS/$label" \
-    $( [ -f "$RUNS/$label/checkpoints/latest.pt" ] && echo --resume )
-}
 
 for seed in 0 1; do  # 64 images an epoch
   run "fg2880-s$seed" flow_grpo_shapes epochs=45 seed=$seed "${common[@]}"
