@@ -1,6 +1,7 @@
 # Shared by the benchmark shell scripts (sourced, not run): one-thread training runs under the shared CPU
 # lock, so other jobs are not starved, each skipped once its final/ model exists and resumed from its
-# latest checkpoint otherwise. The sourcing script sets RUNS (where the run directories go) first.
+# latest checkpoint otherwise. The sourcing script sets RUNS (where the run directories go) first;
+# sourcing moves it to the repository root, where configs/ and relative RUNS paths resolve.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-python}
 LOCK=${LOCK:-/tmp/diffalign-cpu.lock}

@@ -27,7 +27,8 @@ EXTRA=${EXTRA:-0}
 pairs() {
   [ -f runs/pairs/shapes-flow-train/pairs.jsonl ] || locked $PY -m diffalign make-pairs --model shapes-flow \
     --reward shapes --split train --n-prompts 768 --per-prompt 4 --mode all --seed 7 --out runs/pairs/shapes-flow-train
-  if [ ! -f runs/pairs/ppd/pairs.jsonl ]; then  # two reward-defined annotators for ppd from a file
+  # two reward-defined annotators for PPD from a file: only the EXTRA runs read them
+  if [ "$EXTRA" = 1 ] && [ ! -f runs/pairs/ppd/pairs.jsonl ]; then
     locked $PY -m diffalign make-pairs --model shapes-flow --reward shapes --split train --n-prompts 384 \
       --per-prompt 4 --seed 7 --out runs/pairs/ppd-correct
     locked $PY -m diffalign make-pairs --model shapes-flow --reward brightness --split train --n-prompts 384 \
