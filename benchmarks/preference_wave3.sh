@@ -6,13 +6,15 @@
 # one thread, so ONPOLICY_EPOCHS=25: 1,600 pairs) -- then one evaluation per setting, paired against
 # Diffusion-DPO of the same setting.
 #
-#   bash benchmarks/preference_wave3.sh [STEP]     # STEP: pairs | train | eval | tune | all (default)
+#   bash benchmarks/preference_wave3.sh [STEP]     # STEP: pairs | train | eval | tune | noisy | all (default)
 #   EXTRA=1 bash benchmarks/preference_wave3.sh train   # also the runs not in the measured table
 #
-# `tune` is how the shipped learning rates were chosen ("Tuned per method"): every file-pairs method and
-# Diffusion-DPO itself at lr 3e-5 and 1e-5 (DPO also 1e-4; Dense-reward DPO and SmPO also 3e-6), 9,600
-# pairs each, scored on 400 *training-split* prompts x 2 seeds (prompt seed 11), so the held-out prompts
-# of `eval` play no part in the choice.
+# `tune` is how the shipped settings were chosen ("Tuned per method"): round 1, every file-pairs method
+# and Diffusion-DPO itself at lr 3e-5 and 1e-5 (DPO also 1e-4; Dense-reward DPO and SmPO also 3e-6);
+# round 2, beta (DPO's too) and each method's own knob at the round-1 rate; 9,600 pairs each, scored on
+# 400 *training-split* prompts x 2 seeds (prompt seed 11), so the held-out prompts of `eval` play no
+# part in the choice. `noisy` trains DPO (three settings) and the methods that bring their own judge of a
+# pair on the pairs file with 25% of its labels flipped (benchmarks/flip_pairs.py; "Noisy labels").
 #
 # Each training run is its own command under the shared CPU lock (/tmp/diffalign-cpu.lock), so
 # other jobs are not starved; RUNS (default runs/w3) holds the run directories. Re-running skips
@@ -75,18 +77,58 @@ evaluate() {  # one table per setting, each paired against its Diffusion-DPO run
 }
 
 tune() {
+  # Round 1: the learning rate, every method at the settings it first shipped with (pinned here, since the
+  # configs now carry the chosen ones). Round 2: each method's own knob and beta (Diffusion-DPO's too), at
+  # the round-1 rate. One train-split evaluation of all, paired against Diffusion-DPO at 3e-5.
+  local -A first=([dpo]="" [sdpo]="algorithm.mu=0.9" [dense_reward_dpo]="" [dcpo]="algorithm.distractor=caption"
+    [balanced_dpo]="algorithm.adaptive_temperature=0.1" [adaptive_dpo]="algorithm.gamma=2" [inpo]="" [smpo]=""
+    [inversion_dpo]="")
   local grid=() args=()
   for m in dpo sdpo dense_reward_dpo dcpo balanced_dpo adaptive_dpo inpo smpo inversion_dpo; do
-    grid+=("$m 3e-5" "$m 1e-5")
+    grid+=("$m-lr3e-5 $m lr=3e-5 ${first[$m]}" "$m-lr1e-5 $m lr=1e-5 ${first[$m]}")
   done
-  grid+=("dpo 1e-4" "dense_reward_dpo 3e-6" "smpo 3e-6")
+  grid+=("dpo-lr1e-4 dpo lr=1e-4" "dense_reward_dpo-lr3e-6 dense_reward_dpo lr=3e-6" "smpo-lr3e-6 smpo lr=3e-6"
+    "dpo-b500 dpo algorithm.beta=500" "dpo-b125 dpo algorithm.beta=125"
+    "dense_reward_dpo-g0.7 dense_reward_dpo lr=1e-5 algorithm.gamma=0.7"
+    "dense_reward_dpo-b500 dense_reward_dpo lr=1e-5 algorithm.beta=500"
+    "dense_reward_dpo-b125 dense_reward_dpo lr=1e-5 algorithm.beta=125"
+    "sdpo-mu0.5 sdpo lr=1e-5 algorithm.mu=0.5" "sdpo-mu0 sdpo lr=1e-5 algorithm.mu=0"
+    "dcpo-hybrid dcpo lr=1e-5 algorithm.distractor=hybrid" "dcpo-perturb dcpo lr=1e-5 algorithm.distractor=perturb"
+    "smpo-b125 smpo lr=1e-5 algorithm.beta=125" "smpo-b500 smpo lr=1e-5 algorithm.beta=500"
+    "inpo-b125 inpo lr=1e-5 algorithm.beta=125" "inpo-b500 inpo lr=1e-5 algorithm.beta=500"
+    "balanced_dpo-t1 balanced_dpo lr=3e-5 algorithm.adaptive_temperature=1"
+    "balanced_dpo-b500 balanced_dpo lr=3e-5 algorithm.adaptive_temperature=0.1 algorithm.beta=500"
+    "adaptive_dpo-g4 adaptive_dpo lr=3e-5 algorithm.gamma=4")
   for item in "${grid[@]}"; do
     set -- $item
-    run "$1-lr$2" "$1_shapes" lr=$2 eval_every=0
-    args+=(--run "$1-lr$2=$RUNS/$1-lr$2")
+    local label=$1 m=$2
+    shift 2
+    # beta 250 unless the item sets it (round 1 and the other round-2 knobs ran at Diffusion-DPO's beta)
+    [[ " $* " == *" algorithm.beta="* ]] || set -- "$@" algorithm.beta=250
+    run "$label" "${m}_shapes" "$@" eval_every=0
+    args+=(--run "$label=$RUNS/$label")
   done
   locked $PY benchmarks/bench_preference.py --split train --prompts 400 --seeds 2 --prompt-seed 11 \
     --metrics shapes_soft,colorfulness --compare dpo-lr3e-5 --out "$RUNS/eval_tune_train.json" "${args[@]}"
+}
+
+noisy() {  # "Noisy labels": 25% of the pairs file's labels flipped; the methods' own judges are proxies only
+  [ -f runs/pairs/shapes-flow-train/pairs_flip25.jsonl ] || $PY benchmarks/flip_pairs.py runs/pairs/shapes-flow-train \
+    --fraction 0.25 --seed 0
+  local d=algorithm.data=runs/pairs/shapes-flow-train/pairs_flip25.jsonl args=()
+  run noisy-dpo-lr3e-5 dpo_shapes $d                       # Diffusion-DPO at three settings: the
+  run noisy-dpo-lr1e-5 dpo_shapes $d lr=1e-5               # comparison is with the best of them
+  run noisy-dpo-lr1e-5-b125 dpo_shapes $d lr=1e-5 algorithm.beta=125
+  run noisy-adaptive_dpo adaptive_dpo_shapes $d
+  run noisy-balanced_dpo balanced_dpo_shapes $d 'algorithm.metrics=[shapes_soft,colorfulness]'
+  run noisy-smpo smpo_shapes $d reward=shapes_soft
+  run noisy-dense_reward_dpo dense_reward_dpo_shapes $d
+  run noisy-inpo inpo_shapes $d
+  for m in dpo-lr3e-5 dpo-lr1e-5 dpo-lr1e-5-b125 adaptive_dpo balanced_dpo smpo dense_reward_dpo inpo; do
+    args+=(--run "$m=$RUNS/noisy-$m")
+  done
+  locked $PY benchmarks/bench_preference.py --prompts 400 --seeds 2 --metrics shapes_soft,colorfulness \
+    --compare dpo-lr1e-5-b125 --out "$RUNS/eval_noisy.json" "${args[@]}"
 }
 
 case $STEP in
@@ -94,6 +136,7 @@ case $STEP in
   train) train ;;
   eval) evaluate ;;
   tune) pairs; tune ;;
+  noisy) pairs; noisy ;;
   all) pairs; train; evaluate ;;
-  *) echo "usage: $0 [pairs|train|eval|tune|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [pairs|train|eval|tune|noisy|all]" >&2; exit 2 ;;
 esac
