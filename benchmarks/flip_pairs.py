@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffalign.config import atomic_write
+
 
 def flip(lines: list[dict], fraction: float, seed: int) -> list[dict]:
     """``lines`` with ``chosen``/``rejected`` swapped on ``round(fraction * n)`` of the ``n`` non-tie lines."""
@@ -50,9 +52,7 @@ def main(argv: list[str] | None = None) -> Path:
     lines = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
     out = flip(lines, args.fraction, args.seed)
     dest = args.pairs_dir / f"pairs_flip{round(100 * args.fraction)}.jsonl"
-    tmp = dest.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(rec) + "\n" for rec in out))
-    tmp.replace(dest)
+    atomic_write(dest, lambda f: f.write("".join(json.dumps(rec) + "\n" for rec in out).encode()))
     print(f"{dest}: {sum(r.get('label_flipped', False) for r in out)} of {len(out)} labels flipped")
     return dest
 
