@@ -35,10 +35,19 @@ RECIPES: dict[str, list[str]] = {
     "pos_high": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6"],
     "pos_shift": ["text_pos_std=1.0", "t_logit_mean=1.0"],  # logit-normal shifted towards noise
     "pos_high_rel": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6", "relation_fraction=0.7"],
+    # role embeddings of the two objects, added after the text encoder (ShapesModelConfig.role_words)
+    "pos_high_roles": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6", "text_roles=true"],
+    "pos_high_roles1": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6", "text_roles=true",
+                        "text_role_std=1.0"],
+    # role 1 = the object that goes left / up: the relation word's XOR with the mention order done by the tokenizer
+    "pos_high_layout": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6", "text_roles=true",
+                        "text_role_std=1.0", "text_role_order=layout"],
     "pos_high_seq": ["text_pos_std=1.0", "t_high_fraction=0.5", "t_high_min=0.6", "sequence_pool=true"],
 }
-METRICS = ("one", "colour", "count", "both_right", "relation_given_both", "swapped_given_both", "relation", "overall")
-HEADERS = ("one", "colour", "count", "both", "relation|both", "swapped|both", "relation", "overall")
+METRICS = ("one", "colour", "count", "both_right", "relation_given_both", "swapped_given_both", "relation", "overall",
+           "swap_both", "swap_same_place")
+HEADERS = ("one", "colour", "count", "both", "relation|both", "swapped|both", "relation", "overall", "twins both",
+           "twins same")
 
 
 def eval_prompts(split: str, n_relation: int, count_seeds: int, seed: int = 7) -> tuple[list[str], list[int]]:
@@ -54,9 +63,11 @@ def profile(model, prompts: list[str], seeds: list[int], batch: int = 128) -> di
     """Accuracy by category, the relation breakdown and the order gap of ``model``'s default sampling."""
     parts = shapes_metrics.profile(model, prompts, seeds, batch)
     gap = shapes_metrics.order_gap(model, prompts)
+    swap = shapes_metrics.swap_test(model, prompts, seeds, batch)
     return {**{k: parts.get(k, 0.0) for k in ("one", "two", "three", "four", "count", "relation", "overall", "colour",
                                                "both_right", "relation_given_both", "swapped_given_both")},
-            "order_gap_pooled": gap["pooled"], "order_gap_object": gap["object"]}
+            "order_gap_pooled": gap["pooled"], "order_gap_object": gap["object"],
+            "swap_both": swap["both"], "swap_one": swap["one"], "swap_same_place": swap["same_place"]}
 
 
 def run_recipe(name: str, overrides: list[str], args, out: Path, log) -> None:
@@ -76,6 +87,10 @@ def run_recipe(name: str, overrides: list[str], args, out: Path, log) -> None:
                  **profile(model, prompts, seeds), "train_s": round(train_s, 1)})
             eval_s[0] += time.time() - e0
 
+    if cfg.init_from:  # a continued run: its starting point is step 0 of the curve
+        from diffalign.runtime.pretrain import init_model
+
+        on_step(0, init_model(cfg).eval(), None)
     pretrain(cfg, run_dir, progress=False, on_step=on_step)
     if not args.keep:
         shutil.rmtree(run_dir, ignore_errors=True)

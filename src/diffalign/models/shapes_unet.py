@@ -49,6 +49,20 @@ class ShapesModelConfig:
     # FiLM conditioning from the whole token sequence (flattened, pads zeroed) beside the mean-pooled tokens:
     # the mean is order-blind by construction ("A left of B" and "B left of A" pool to the same words)
     sequence_pool: bool = False
+    # role embeddings: words before the first of ``role_words`` (the world's relation words) are the first
+    # object's, words after it the second's, and a learned embedding of that role is added to each token's
+    # encoded feature (after the encoder's final norm, so the cross-attention keys and values carry it at
+    # full strength). Empty = off (the v2 models). The v2 models drew the same image for "A left of B" and
+    # "B left of A" from the same noise: the UNet read the order from nowhere (docs/shapes.md)
+    role_words: list[str] = field(default_factory=list)
+    # with ``role_words``: a prompt whose role words include one of these names the objects in the reverse of
+    # their layout order ("A right of B": B goes left), and the two roles are exchanged, so role 1 is always the
+    # object that goes left / up. Empty: roles follow the order of mention
+    role_swap_words: list[str] = field(default_factory=list)
+    text_role_std: float = 0.0  # init std of the role embeddings (0: zero, a no-op until trained)
+    # init std of the UNet's learned spatial position embeddings at its attention blocks. 0.02 (the v2 models)
+    # left them at norm ~0.35 beside activations of norm ~11: the queries hardly knew where they were
+    attn_pos_std: float = 0.02
     # default sampler settings (the "default sampler settings" every command starts from)
     sampler: str = "flow_ode"
     num_steps: int = 10
@@ -67,6 +81,14 @@ class ShapesModelConfig:
         if self.output_parametrization == "v" and self.prediction_type != "epsilon":
             raise ValueError("output_parametrization 'v' applies to prediction_type 'epsilon' only, "
                              f"got prediction_type {self.prediction_type!r}")
+        self.role_words = list(self.role_words)
+        self.role_swap_words = list(self.role_swap_words)
+        if self.role_swap_words and not set(self.role_swap_words) <= set(self.role_words):
+            raise ValueError(f"role_swap_words {self.role_swap_words} must be a subset of role_words {self.role_words}")
+        if not self.attn_pos_std > 0:
+            raise ValueError(f"attn_pos_std must be > 0, got {self.attn_pos_std!r}")
+        if not self.text_role_std >= 0:
+            raise ValueError(f"text_role_std must be >= 0, got {self.text_role_std!r}")
         if not self.text_pos_std > 0:
             raise ValueError(f"text_pos_std must be > 0, got {self.text_pos_std!r}")
         if self.image_size % 8:
@@ -82,10 +104,32 @@ class TextCond:
 
 
 class Tokenizer:
-    def __init__(self, vocab: list[str], max_tokens: int):
+    def __init__(self, vocab: list[str], max_tokens: int, role_words: list[str] | None = None,
+                 role_swap_words: list[str] | None = None):
         self.words = [PAD, NULL, *vocab]
         self.index = {w: i for i, w in enumerate(self.words)}
         self.max_tokens = max_tokens
+        self.role_words = set(role_words or ())
+        self.role_swap_words = set(role_swap_words or ())
+        unknown = sorted(self.role_words - set(vocab))
+        if unknown:
+            raise ValueError(f"role_words {unknown} are not in the vocabulary; known words: {sorted(vocab)}")
+
+    def roles(self, prompts: list[str]) -> Tensor:
+        """Role of every token ``[B, L]``: 1 = before the prompt's first role word (the first object),
+        2 = after it (the second object), 0 = the role words themselves, padding and the empty prompt;
+        1 and 2 exchanged in a prompt holding one of ``role_swap_words``."""
+        roles = torch.zeros(len(prompts), self.max_tokens, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            role, words = 1, p.split()[:self.max_tokens]
+            for j, w in enumerate(words):
+                if w in self.role_words:
+                    role = 2
+                    continue
+                roles[i, j] = role
+            if self.role_swap_words.intersection(words):
+                roles[i] = torch.where(roles[i] > 0, 3 - roles[i], roles[i])
+        return roles
 
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         ids = torch.zeros(len(prompts), self.max_tokens, dtype=torch.long)
@@ -101,16 +145,28 @@ class Tokenizer:
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, n_words: int, dim: int, layers: int, heads: int, max_tokens: int, pos_std: float = 0.02):
+    def __init__(self, n_words: int, dim: int, layers: int, heads: int, max_tokens: int, pos_std: float = 0.02,
+                 roles: bool = False, role_std: float = 0.0):
         super().__init__()
         self.embed = nn.Embedding(n_words, dim)
+        self.role = None
+        if roles:  # 0 = no role (kept at zero), 1 = first object, 2 = second object
+            self.role = nn.Embedding(3, dim, padding_idx=0)
+            nn.init.normal_(self.role.weight, std=role_std) if role_std > 0 else nn.init.zeros_(self.role.weight)
+            with torch.no_grad():
+                self.role.weight[0].zero_()
         self.pos = nn.Parameter(torch.randn(1, max_tokens, dim) * pos_std)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, ids: Tensor, pad_mask: Tensor) -> Tensor:
-        return self.norm(self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=pad_mask))
+    def forward(self, ids: Tensor, pad_mask: Tensor, roles: Tensor | None = None) -> Tensor:
+        out = self.norm(self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=pad_mask))
+        if self.role is not None:
+            if roles is None:
+                raise ValueError("this text encoder has role embeddings: pass the tokens' roles")
+            out = out + self.role(roles)
+        return out
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -141,9 +197,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Self-attention over positions, then cross-attention to the prompt tokens."""
 
-    def __init__(self, c: int, text_dim: int, heads: int, n_pos: int):
+    def __init__(self, c: int, text_dim: int, heads: int, n_pos: int, pos_std: float = 0.02):
         super().__init__()
-        self.pos = nn.Parameter(torch.randn(1, n_pos, c) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, n_pos, c) * pos_std)
         self.norm1, self.self_attn = nn.LayerNorm(c), nn.MultiheadAttention(c, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(c)
         self.cross_attn = nn.MultiheadAttention(c, heads, kdim=text_dim, vdim=text_dim, batch_first=True)
@@ -175,12 +231,13 @@ class ShapesUNet(nn.Module):
         self.stem = nn.Conv2d(12 + 2, c1, 3, padding=1)
         self.down1 = ResBlock(c1, c1, emb)
         self.pool1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
-        self.down2, self.attn2 = ResBlock(c2, c2, emb), AttnBlock(c2, cfg.text_dim, cfg.heads, (s // 2) ** 2)
+        ps = cfg.attn_pos_std
+        self.down2, self.attn2 = ResBlock(c2, c2, emb), AttnBlock(c2, cfg.text_dim, cfg.heads, (s // 2) ** 2, ps)
         self.pool2 = nn.Conv2d(c2, c3, 3, stride=2, padding=1)
-        self.mid, self.attn3 = ResBlock(c3, c3, emb), AttnBlock(c3, cfg.text_dim, cfg.heads, (s // 4) ** 2)
+        self.mid, self.attn3 = ResBlock(c3, c3, emb), AttnBlock(c3, cfg.text_dim, cfg.heads, (s // 4) ** 2, ps)
         self.mid2 = ResBlock(c3, c3, emb)
         self.up2 = ResBlock(c3 + c2, c2, emb)
-        self.up_attn2 = AttnBlock(c2, cfg.text_dim, cfg.heads, (s // 2) ** 2)
+        self.up_attn2 = AttnBlock(c2, cfg.text_dim, cfg.heads, (s // 2) ** 2, ps)
         self.up1 = ResBlock(c2 + c1, c1, emb)
         self.out_norm, self.out = nn.GroupNorm(8, c1), nn.Conv2d(c1, 12, 3, padding=1)
         nn.init.zeros_(self.out.weight)
@@ -222,9 +279,9 @@ class ShapesDenoiser(nn.Module):
         self.config = cfg
         self.prediction_type = cfg.prediction_type
         self.schedule: Schedule = schedule_from_dict(cfg.schedule)
-        self.tokenizer = Tokenizer(cfg.vocab, cfg.max_tokens)
+        self.tokenizer = Tokenizer(cfg.vocab, cfg.max_tokens, cfg.role_words, cfg.role_swap_words)
         self.text_encoder = TextEncoder(len(self.tokenizer.words), cfg.text_dim, cfg.text_layers, cfg.heads,
-                                        cfg.max_tokens, cfg.text_pos_std)
+                                        cfg.max_tokens, cfg.text_pos_std, bool(cfg.role_words), cfg.text_role_std)
         # channels_last: sampling 0.98-1.09x (mean 1.04x over four alternated A/B runs), fwd+bwd 1.05x on
         # CPU (docs/shapes.md); outputs are returned contiguous in the usual layout
         self.unet = ShapesUNet(cfg).to(memory_format=torch.channels_last)
@@ -250,7 +307,8 @@ class ShapesDenoiser(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> TextCond:
         ids, pad = self.tokenizer(list(prompts))
         ids, pad = ids.to(self.device), pad.to(self.device)
-        return TextCond(self.text_encoder(ids, pad), pad)
+        roles = self.tokenizer.roles(list(prompts)).to(self.device) if self.config.role_words else None
+        return TextCond(self.text_encoder(ids, pad, roles), pad)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: TextCond) -> Tensor:
         out = self.unet(x_t, t, cond).contiguous()

@@ -53,6 +53,14 @@ class PretrainConfig:
     t_high_min: float = 0.6
     text_pos_std: float = 1.0  # init std of the text encoder's position embeddings (ShapesModelConfig)
     sequence_pool: bool = False  # FiLM also sees the whole token sequence (ShapesModelConfig)
+    # role embeddings for the two objects of a relation prompt (ShapesModelConfig.role_words, the world's
+    # relation words as the boundary); off in the v2 models
+    text_roles: bool = False
+    # "mention": role 1 = the object named first; "layout": role 1 = the object that goes left / up (the roles of
+    # "right of" / "below" prompts exchanged): the XOR of relation word and mention order done in the tokenizer
+    text_role_order: str = "mention"
+    text_role_std: float = 0.0
+    attn_pos_std: float = 0.02  # init std of the UNet's spatial position embeddings (ShapesModelConfig)
     init_from: str = ""  # a shapes model directory to continue from instead of a random init (same variant)
     seed: int = 0
     log_every: int = 50
@@ -73,6 +81,9 @@ class PretrainConfig:
         check_range("t_high_fraction", self.t_high_fraction, 0, 1)
         check_range("t_high_min", self.t_high_min, 0, 1, hi_open=True)
         check_positive("text_pos_std", self.text_pos_std)
+        check_range("text_role_std", self.text_role_std, 0, None)
+        check_choice("text_role_order", self.text_role_order, ["mention", "layout"])
+        check_positive("attn_pos_std", self.attn_pos_std)
         if self.model == "vp" and (self.t_logit_mean, self.t_logit_std) != (0.0, 1.0):
             raise ValueError("t_logit_mean / t_logit_std apply to model 'flow' only (VP models draw discrete steps "
                              f"uniformly), got {self.t_logit_mean} / {self.t_logit_std} with model 'vp'")
@@ -129,20 +140,36 @@ def loss_fn(model: ShapesDenoiser, x0: torch.Tensor, cond, generator: torch.Gene
 
 def init_model(cfg: PretrainConfig) -> ShapesDenoiser:
     """A random model of the variant, or ``init_from``'s weights; a layer that ``init_from`` lacks (the
-    sequence pool) starts at its own init, which makes it a no-op."""
+    sequence pool, the role embeddings) starts at its own init (a no-op for the sequence pool and for
+    zero-initialised roles)."""
     variant = "flow" if cfg.model == "flow" else "epsilon"
+    swap = list(shapes.SECOND_FIRST_WORDS) if cfg.text_roles and cfg.text_role_order == "layout" else []
+    roles = dict(role_words=list(shapes.RELATION_WORDS) if cfg.text_roles else [], text_role_std=cfg.text_role_std,
+                 role_swap_words=swap)
     model_cfg = replace(default_config(variant, list(shapes.VOCAB)), text_pos_std=cfg.text_pos_std,
-                        sequence_pool=cfg.sequence_pool, guidance_scale=cfg.guidance_scale)
+                        sequence_pool=cfg.sequence_pool, guidance_scale=cfg.guidance_scale,
+                        attn_pos_std=cfg.attn_pos_std, **roles)
     if not cfg.init_from:
         return ShapesDenoiser(model_cfg)
     source = ShapesDenoiser.from_pretrained(cfg.init_from)
     if source.prediction_type != variant:
         raise ValueError(f"init_from={cfg.init_from!r} is a {source.prediction_type!r} model; model={cfg.model!r} "
                          f"needs {variant!r}")
+    if source.config.role_words and not cfg.text_roles:
+        raise ValueError(f"init_from={cfg.init_from!r} has role embeddings; set text_roles: true to continue it")
+    if source.config.role_words and source.config.role_swap_words != swap:
+        order = "layout" if source.config.role_swap_words else "mention"
+        raise ValueError(f"init_from={cfg.init_from!r} numbers its roles in {order} order; set text_role_order: "
+                         f"{order} to continue it (got {cfg.text_role_order!r})")
+    if not source.config.role_words:
+        source_roles = roles
+    else:
+        source_roles = dict(role_words=source.config.role_words, text_role_std=source.config.text_role_std,
+                            role_swap_words=source.config.role_swap_words)
     model = ShapesDenoiser(replace(source.config, sequence_pool=cfg.sequence_pool or source.config.sequence_pool,
-                                   guidance_scale=cfg.guidance_scale))
+                                   guidance_scale=cfg.guidance_scale, **source_roles))
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("unet.seq_pool.") for k in missing):
+    if unexpected or any(not k.startswith(("unet.seq_pool.", "text_encoder.role.")) for k in missing):
         raise ValueError(f"init_from={cfg.init_from!r} does not fit: missing {missing}, unexpected {unexpected}")
     return model.train()
 

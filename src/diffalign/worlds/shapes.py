@@ -27,6 +27,9 @@ COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COUNTS: dict[str, int] = {"one": 1, "two": 2, "three": 3, "four": 4}
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+RELATION_WORDS: tuple[str, ...] = tuple(dict.fromkeys(w for r in RELATIONS for w in r.split()))  # left, of, ...
+# the relations that name the second-placed object first ("A right of B": B is the left one; see canonical())
+SECOND_FIRST_WORDS: tuple[str, ...] = ("right", "below")
 VOCAB: list[str] = sorted(
     {*COUNTS, *COLORS, *SHAPES, *(s + "s" for s in SHAPES), "a"} | {w for r in RELATIONS for w in r.split()}
 )
