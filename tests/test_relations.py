@@ -180,6 +180,11 @@ def test_role_embeddings_mark_the_two_objects_and_start_as_a_no_op(tmp_path):
         list(shapes.SECOND_FIRST_WORDS)
     with pytest.raises(ValueError, match="text_role_order"):
         PretrainConfig(text_role_order="alphabetical")
+    # the UNet's attention position embeddings at the scale asked (v2: 0.02)
+    wide, narrow = init_model(PretrainConfig(attn_pos_std=1.0)).unet, init_model(PretrainConfig()).unet
+    assert 0.8 < float(wide.attn2.pos.detach().std()) < 1.2 and float(narrow.attn2.pos.detach().std()) < 0.05
+    with pytest.raises(ValueError, match="attn_pos_std"):
+        PretrainConfig(attn_pos_std=0.0)
 
     src = tiny_model("flow")
     src.save_pretrained(tmp_path / "src")
