@@ -107,9 +107,8 @@ def swap_test(model, prompts: Sequence[str], seeds: Sequence[int], batch: int = 
     twins = [shapes.swapped(p) for p in rel]
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        res = [shapes.verify(torch.cat([generate(model, ps[i:i + batch], seeds[i:i + batch], **model.sampling_defaults)
-                                        for i in range(0, len(ps), batch)]), ps) for ps in (rel, twins)]
+    res = [shapes.verify(generate(model, ps, seeds, batch_size=batch, **model.sampling_defaults), ps)
+           for ps in (rel, twins)]  # generate batches (``batch`` at a time) and runs without gradients itself
     model.train(was_training)
 
     def object_a(r: shapes.VerifyResult, i: int, p: str) -> dict[str, Any] | None:
