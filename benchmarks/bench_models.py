@@ -36,12 +36,14 @@ def main() -> None:
             best = sorted(times)[1]
             print(f"{name}: {n_params:.2f}M params, {d['sampler']}, guidance {d['guidance_scale']}, "
                   f"{steps} steps, batch 64: {64 / best:.1f} images/s")
-        metrics = WEIGHTS_DIR / name / "pretrain_metrics.jsonl"
-        if metrics.is_file():
-            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-            marks = [rows[i] for i in sorted({0, len(rows) // 4, len(rows) // 2, 3 * len(rows) // 4, len(rows) - 1})]
-            curve = ", ".join(f"step {r['step']}: {r['loss']:.4f}" for r in marks)
-            print(f"{name}: pretraining loss {curve}")
+        for stage, file in (("stage 1", "stage1_metrics.jsonl"), ("stage 2", "pretrain_metrics.jsonl")):
+            metrics = WEIGHTS_DIR / name / file
+            if metrics.is_file():
+                rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+                n = len(rows)
+                marks = [rows[i] for i in sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})]
+                curve = ", ".join(f"step {r['step']}: {r['loss']:.4f}" for r in marks)
+                print(f"{name}: pretraining loss ({stage}, {rows[-1]['elapsed_s']:.0f} s) {curve}")
 
 
 if __name__ == "__main__":

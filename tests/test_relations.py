@@ -236,10 +236,12 @@ def test_swap_test_tells_an_order_blind_model_from_one_that_binds(monkeypatch):
         shapes_metrics.swap_test(Fake(True), ["two red circles"], [0])
 
 
-# The order check. Measured on the shipped v2 models (64 training-split relation prompts, seed 1): per-object
-# gap 0.130 (flow) / 0.124 (vp), pooled 0.0029 / 0.0027. The v1 models' were 1.8e-4 / 2.8e-4 and 6.9e-6 /
-# 1.1e-5: "A left of B" and "B left of A" differed by one part in 10^5. The thresholds sit well between.
-ORDER_GAP_OBJECT, ORDER_GAP_POOLED = 0.05, 1e-3
+# The order check. Measured on the shipped models (64 training-split relation prompts, seed 1): per-object gap
+# 0.655 (flow) / 0.677 (vp), pooled 9.4e-4 / 9.4e-4. Their stage 1 (the v2 models, which drew the same image for a
+# prompt and its swapped twin): 0.130 / 0.124 per object, pooled 0.0029 / 0.0027. The v1 models': 1.8e-4 / 2.8e-4
+# per object, pooled 6.9e-6 / 1.1e-5 ("A left of B" and "B left of A" one part in 10^5 apart). The per-object
+# threshold sits between stage 1 and the shipped models; the pooled one between v1 and the shipped models.
+ORDER_GAP_OBJECT, ORDER_GAP_POOLED = 0.3, 2e-4
 
 
 @pytest.mark.parametrize("name", ["shapes-flow", "shapes-vp"])
@@ -263,7 +265,7 @@ BANDS = {"one": (0.95, 1.0), "colour": (0.95, 1.0), "count": (0.40, 0.75), "rela
 @pytest.mark.parametrize("name", ["shapes-flow", "shapes-vp"])
 def test_shipped_weights_have_a_base_model_profile(name):
     from diffalign.models import load_model
-    from diffalign.worlds.shapes_metrics import profile
+    from diffalign.worlds.shapes_metrics import profile, swap_test
 
     model = load_model(name)
     prompts = [p for p in shapes.sample_prompts(200, "heldout", seed=2024) for _ in range(2)]
@@ -271,6 +273,10 @@ def test_shipped_weights_have_a_base_model_profile(name):
     assert got["n_count"] == got["n_relation"] == 200
     outside = {k: round(got[k], 3) for k, (lo, hi) in BANDS.items() if not lo <= got[k] <= hi}
     assert not outside, f"{name} outside the bands {BANDS}: {outside}"
+    # twins from the same noise: stage 1 (the v2 models) drew both right in 0.004 of 246 pairs, the shipped
+    # models 0.089 / 0.098 (flow / vp) of ~120: the order reaches the image
+    twins = swap_test(model, shapes.sample_prompts(200, "heldout", seed=5, kinds=("relation",)), list(range(200)))
+    assert twins["n"] >= 80 and twins["both"] > 0.03, twins
 
 
 def test_pretrain_ships_the_weights_it_is_told_and_reads_a_config_file(tmp_path):
@@ -320,17 +326,25 @@ def test_relation_finetune_benchmark_runs_and_writes_its_curve(tmp_path):
     assert all(shapes.parse(p).kind == "relation" for p in relation_finetune.relation_prompts(5))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
-def test_layout_role_pretrain_configs_continue_the_shipped_base(path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", ["flow", "vp"])
+def test_shipped_pretrain_configs_chain_stage_1_into_stage_2(variant, tmp_path, monkeypatch):
+    """The two configs that reproduce a shipped base run in order: stage 1 from a random init, stage 2 with
+    layout roles from stage 1's output (its ``init_from``), with the guidance the shipped weights carry."""
     from dataclasses import replace
 
     from diffalign.config import load_config
+    from diffalign.models import load_model
     from diffalign.runtime.pretrain import pretrain
 
-    monkeypatch.chdir(ROOT)  # init_from is relative to the repository root, as the config's comment runs it
-    cfg = load_config(PretrainConfig, path)
-    assert cfg.text_roles and cfg.text_role_order == "layout" and Path(cfg.init_from).is_dir()
-    model = pretrain(replace(cfg, steps=2, batch_size=4), tmp_path / "out", progress=False)
+    one = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / f"shapes-{variant}-stage1.yaml")
+    two = load_config(PretrainConfig, ROOT / "configs" / "pretrain" / f"shapes-{variant}.yaml")
+    assert one.model == two.model == variant and not one.init_from and not one.text_roles
+    assert two.text_roles and two.text_role_order == "layout" and two.init_from == f"weights/shapes-{variant}-stage1"
+    shipped = load_model(f"shapes-{variant}")
+    assert shipped.config.guidance_scale == two.guidance_scale and shipped.config.role_words
+    monkeypatch.chdir(tmp_path)  # init_from is relative to where the commands run
+    pretrain(replace(one, steps=2, batch_size=4, checkpoint_every=2), Path(two.init_from), progress=False)
+    model = pretrain(replace(two, steps=2, batch_size=4), tmp_path / "out", progress=False)
     assert model.config.role_swap_words == list(shapes.SECOND_FIRST_WORDS)
     back = ShapesDenoiser.from_pretrained(tmp_path / "out")
-    assert back.config.role_words == list(shapes.RELATION_WORDS) and back.config.guidance_scale == cfg.guidance_scale
+    assert back.config.role_words == list(shapes.RELATION_WORDS) and back.config.guidance_scale == two.guidance_scale
