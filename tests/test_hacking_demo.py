@@ -28,7 +28,8 @@ PROMPTS = W.all_prompts(kind="count")[::10][:6]  # one..four objects, three colo
 K = 2  # seeds per prompt
 STEPS = 6  # sampling steps (few, so back-propagating through the sampler stays cheap)
 ITERS = 12  # ReNO iterations = differentiable samples per image (3 is too few: the verifier barely moves)
-LR = 6.0  # v2 base: at lr 3 the verifier fell only 0.014 (0.963 -> 0.949); at lr 6, 0.065
+LR = 10.0  # shipped base: at lr 6 the verifier rose 0.005, with 20 iterations fell 0.037, at lr 10 fell 0.067
+# (0.912 -> 0.845); v2 base: at lr 3 it fell only 0.014 (0.963 -> 0.949), at lr 6, 0.065
 WARNING = 'id="reward-hacking-warning"'
 
 
