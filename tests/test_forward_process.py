@@ -180,6 +180,8 @@ def test_old_policy_follows_its_decay_schedule():
     ({"x0_clip": -1.0}, "x0_clip"),
     ({"negative_weight": 2.0}, "negative_weight"),
     ({"pretrain_weight": -1.0}, "pretrain_weight"),
+    ({"uncond_weight": -0.5}, "uncond_weight"),
+    ({"uncond_weight": 1.0, "train_guidance_scale": 3.0}, "uncond_weight=1.0 .*needs train_guidance_scale: 1"),
 ])
 def test_bad_forward_process_config(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -289,6 +291,34 @@ def test_pretrain_regulariser_adds_the_denoising_loss_on_renders(method):
     batch.prompts = ["red circle left"] * len(batch)  # in the vocabulary, not a world prompt: nothing to render
     with pytest.raises(ValueError, match="renders shapes-world prompts"):
         algo.loss(model, micro)
+
+
+@pytest.mark.parametrize("method", ["diffusion_nft", "awm"])
+def test_uncond_weight_adds_the_same_policy_loss_on_the_empty_prompt(method):
+    """``uncond_weight`` trains the unconditional branch on the same noised samples and advantages, so a
+    prompt-independent change (say, larger objects) moves both branches and is not multiplied by the
+    guidance scale at sampling (docs/shapes.md, "The demo on the shipped base")."""
+    model = tiny_model().train()
+    prompts = ["two red circles", "a blue square left of a red circle"]
+    cfg, cls = build(method, beta=0.0, uncond_weight=0.5)
+    plain_cfg, _ = build(method, beta=0.0)
+    algo, plain = cls(cfg, reward=verifier_reward), cls(plain_cfg, reward=verifier_reward)
+    plain.old = algo.old
+    batch = algo.collect(model, prompts, epoch=0, seed=3)
+    assert batch.uncond is not None  # the empty prompt's encoding is built for it
+    micro = next(iter(algo.minibatches(batch, torch.Generator().manual_seed(0))))[0]
+    loss, stats = algo.loss(model, micro)
+    base, _ = plain.loss(model, micro)
+    # by hand: the policy loss with the empty prompt's encoding in place of the prompts'
+    x0, x_t, t, _, uncond, target, alpha_sigma = algo.noised(model, micro)
+    with torch.no_grad():
+        old_u = algo.old.bind(model)(x_t, t, uncond)
+    adv = batch.advantages[micro.idx]
+    per_u, _ = algo.policy_loss(model(x_t, t, uncond), old_u, target, x0, x_t, alpha_sigma, t, adv, micro, model)
+    torch.testing.assert_close(stats["uncond_loss"], per_u.mean().detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, base + 0.5 * per_u.mean(), rtol=1e-4, atol=1e-6)
+    assert abs(per_u.mean().item()) > 0  # a live term, not a zero
+    assert plain_cfg.uncond_weight == 0.0  # off by default: every existing run unchanged
 
 
 # ----- it learns ----------------------------------------------------------------------------------

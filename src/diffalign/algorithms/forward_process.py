@@ -43,6 +43,11 @@ regulariser of ReFL (Xu et al. 2023, "ImageReward: Learning and Evaluating Human
 Text-to-Image Generation") and DPOK (Fan et al. 2023) applied to the forward-process methods: the
 reward loss trains a window of ``t`` (``t_min``-``t_max``), and the regulariser keeps the rest of the
 range, which the trained weights share, on the data (docs/shapes.md, "The demo on the v2 base").
+
+``uncond_weight > 0`` adds the same policy loss on the unconditional branch (the empty prompt, the same
+noised samples and advantages). Rollouts drawn with classifier-free guidance ``u + w (c - u)`` and a loss on
+``c`` alone amplify a prompt-independent change ``w``-fold at sampling; learnt in both branches it cancels in
+``c - u`` (docs/shapes.md, "The demo on the shipped base").
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class ForwardProcessConfig:
     negative_weight: float = 1.0  # scale of negative advantages (0: learn from the better-than-average samples only)
     beta: float = 0.0  # KL (velocity MSE) to the reference (pretrained) model
     pretrain_weight: float = 0.0  # weight of the pretraining loss on world renders at t ~ U[0, 1] (0 = off)
+    uncond_weight: float = 0.0  # the same policy loss on the unconditional (empty-prompt) branch, this weight (0 = off)
     kl_guidance_scale: float = 1.0  # CFG of the reference prediction in the KL term (CRD anchors to the guided model)
     decay_start: float = 0.0  # old-policy decay schedule d = min(start + slope * epoch, max)
     decay_slope: float = 0.0
@@ -127,6 +133,10 @@ class ForwardProcessConfig:
         check_range("x0_clip", self.x0_clip, 0, None)
         check_range("beta", self.beta, 0, None)
         check_range("pretrain_weight", self.pretrain_weight, 0, None)
+        check_range("uncond_weight", self.uncond_weight, 0, None)
+        if self.uncond_weight > 0 and self.train_guidance_scale != 1.0:
+            raise ValueError(f"uncond_weight={self.uncond_weight} trains the unconditional branch beside the "
+                             f"conditional one; it needs train_guidance_scale: 1, got {self.train_guidance_scale}")
         for name in ("decay_start", "decay_max"):
             check_range(name, getattr(self, name), 0, 1, hi_open=True)
         check_range("decay_slope", self.decay_slope, 0, None)
@@ -237,7 +247,8 @@ def finish_batch(batch: Batch, model, cfg: ForwardProcessConfig) -> Batch:
     adv = torch.where(adv < 0, cfg.negative_weight * adv, adv)
     batch.advantages = torch.where(batch.valid, adv, torch.zeros_like(adv)).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
     batch.info.update(reward_stats(batch))
-    if batch.uncond is None and (cfg.train_guidance_scale != 1.0 or cfg.kl_guidance_scale != 1.0):
+    if batch.uncond is None and (cfg.train_guidance_scale != 1.0 or cfg.kl_guidance_scale != 1.0
+                                 or cfg.uncond_weight > 0):
         batch.uncond = model.encode_prompts(negative_prompts(batch.prompts))
     return batch
 
@@ -360,6 +371,13 @@ class ForwardProcessRL:
             kl = self.kl_term(pred, x_t, t, cond, uncond).mean()
             loss = loss + coef * kl
             stats["kl"], stats["kl_coef"] = kl.detach(), coef
+        if cfg.uncond_weight > 0:
+            pred_u = self.predict(model, x_t, t, uncond, None, 1.0)
+            with torch.no_grad():
+                pred_old_u = self.predict(self.old.bind(model), x_t, t, uncond, None, 1.0)
+            per_u, _ = self.policy_loss(pred_u, pred_old_u, target, x0, x_t, alpha_sigma, t, adv, micro, model)
+            loss = loss + cfg.uncond_weight * per_u.mean()
+            stats["uncond_loss"] = per_u.mean().detach()
         if cfg.pretrain_weight > 0:
             reg = self.pretrain_term(model, micro, cond)
             loss = loss + cfg.pretrain_weight * reg
