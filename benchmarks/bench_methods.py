@@ -43,6 +43,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "dpo": ("dpo_shapes", {"algorithm": {"source": "policy", "data": ""}}),  # on-policy pairs ranked by the verifier
     "draft": ("draft_shapes", {}),
     "vgg_flow": ("vgg_flow_shapes", {}),
+    "nft_demo": ("demo", {}),  # DiffusionNFT as `make demo` runs it (configs/demo.yaml)
 }
 HELDOUT_REWARDS = ("shapes_soft", "colorfulness")
 COLUMNS = ("one", "count", "relation", "overall")
