@@ -165,7 +165,7 @@ def test_at_initialisation_the_loss_is_log_2(tiny_pipeline, method, arch):
     loss, stats = algo.loss(model, first_micro(algo, batch))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     if method == "video_dpo":
-        assert stats["reward_margin"] == 0
+        assert stats["reward_margin"] == pytest.approx(0, abs=1e-4)  # policy = reference up to round-off (4e-6 seen)
 
 
 def test_video_dpo_pairs_best_and_worst_by_omniscore_with_gap_weights(tiny_pipeline):
