@@ -354,7 +354,7 @@ def test_shipped_pretrain_configs_chain_stage_1_into_stage_2(variant, tmp_path, 
 def test_the_demo_config_teaches_held_out_relations_on_the_shipped_base(tmp_path):
     """The demo's method and settings (configs/demo.yaml) on relation prompts only, CI-sized: held-out
     relation accuracy of the shipped shapes-flow, same prompts and seeds before and after, rises well beyond
-    its noise. Measured (one thread, 3.2 min): 0.359 -> 0.469 -> 0.625 at 0 / 768 / 1536 images, 64 prompts
+    its noise. Measured at lr 1e-4 (one thread, 3.2 min): 0.359 -> 0.469 -> 0.625 at 0 / 768 / 1536 images, 64 prompts
     (one standard error ~0.06); on the v2 base, which could not bind, the demo left relations at 0.435 -> 0.455."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import relation_finetune
