@@ -28,9 +28,9 @@ PROMPTS = W.all_prompts(kind="count")[::10][:6]  # one..four objects, three colo
 K = 4  # seeds per prompt (2 was too few: the verifier's change on 12 images has SE ~0.04)
 STEPS = 6  # sampling steps (few, so back-propagating through the sampler stays cheap)
 ITERS = 12  # ReNO iterations = differentiable samples per image (3 is too few: the verifier barely moves)
-LR = 40.0  # shipped base, K 4, 12 iterations, sampling seeds 0/1/2: lr 10 verifier -0.021 at K 2 (SE 0.037) and +0.005 at
-# K 4; lr 20 -0.083 (SE 0.056); lr 40 -0.151 / -0.111 / -0.076 (SE 0.05-0.055) at
-# sampling seeds 0 / 1 / 2 (the test runs seed 0; at K 2 the 12 images made -0.05 only 1.4 standard errors)
+LR = 40.0  # shipped base, 12 iterations: lr 10 verifier -0.021 at K 2 (SE 0.037) and +0.005 at K 4; lr 20 -0.083
+# (SE 0.056); lr 40 -0.151 / -0.111 / -0.076 (SE 0.05-0.055) at sampling seeds 0 / 1 / 2 (the test runs seed 0;
+# at K 2 the 12 images made -0.05 only 1.4 standard errors)
 # v2 base (K 2): at lr 3 it fell only 0.014 (0.963 -> 0.949), at lr 6, 0.065
 WARNING = 'id="reward-hacking-warning"'
 
