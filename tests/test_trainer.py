@@ -9,7 +9,7 @@ import torch
 
 from diffalign.config import load_config
 from diffalign.models import load_model
-from diffalign.runtime.trainer import TrainConfig, train
+from diffalign.runtime.trainer import TrainConfig, lr_at, train
 from test_online_rl import tiny_model
 
 TIMING = {"sample_s", "train_s", "images_per_s", "elapsed_s"}
@@ -35,7 +35,8 @@ def rows(run_dir):
 
 
 @pytest.mark.parametrize("method,model,extra", [("flow_grpo", "flow", {}), ("ddpo", "vp", {}),
-                                                ("flow_grpo", "flow", {"lora_rank": 4})])
+                                                ("flow_grpo", "flow", {"lora_rank": 4}),
+                                                ("flow_grpo", "flow", {"lr_schedule": "cosine", "lr_warmup_epochs": 1})])
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dirs, tmp_path, method, model, extra):
     cfg = cfg_for(tiny_dirs / model, method, **extra)
     final = train(cfg, tmp_path / "full", progress=False)
@@ -49,6 +50,29 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dirs, tmp_pa
     assert (tmp_path / "full" / "config.yaml").is_file() and (tmp_path / "full" / "checkpoints" / "latest.pt").is_file()
     assert load_config(TrainConfig, tmp_path / "full" / "config.yaml") == cfg
     assert len(rows(tmp_path / "full")) == 4
+
+
+def test_lr_schedules_by_hand():
+    cos = TrainConfig(method="diffusion_nft", epochs=5, lr=1.0, lr_schedule="cosine", lr_final=0.1)
+    assert [round(lr_at(cos, e), 6) for e in range(5)] == [1.0, round(0.1 + 0.9 * (1 + 2**-0.5) / 2, 6), 0.55,
+                                                         round(0.1 + 0.9 * (1 - 2**-0.5) / 2, 6), 0.1]
+    lin = TrainConfig(method="diffusion_nft", epochs=6, lr=2.0, lr_schedule="linear", lr_final=0.0, lr_warmup_epochs=2)
+    assert [lr_at(lin, e) for e in range(6)] == pytest.approx([1.0, 2.0, 2.0, 4 / 3, 2 / 3, 0.0])
+    const = TrainConfig(method="diffusion_nft", epochs=3, lr=0.5, lr_warmup_epochs=2)
+    assert [lr_at(const, e) for e in range(3)] == [0.25, 0.5, 0.5]
+
+
+def test_the_trainer_follows_the_schedule(tiny_dirs, tmp_path):
+    cfg = cfg_for(tiny_dirs / "flow", lr=1e-3, lr_schedule="linear", lr_final=0.25)
+    train(cfg, tmp_path / "run", progress=False)
+    assert [r["lr"] for r in rows(tmp_path / "run")] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+
+
+@pytest.mark.parametrize("field,value,allowed", [("lr_schedule", "step", "constant"), ("lr_final", 1.5, r"\[0, 1\]"),
+                                                 ("lr_warmup_epochs", 4, "")])
+def test_bad_schedule_values_name_the_field(field, value, allowed):
+    with pytest.raises(ValueError, match=f"{field}.*{allowed}"):
+        TrainConfig(method="diffusion_nft", epochs=4, **{field: value})
 
 
 def test_lora_final_model_differs_from_base_and_saves_the_adapter(tiny_dirs, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class TrainConfig:
     algorithm: dict = field(default_factory=dict)  # method-specific fields (see the method's config class)
     epochs: int = 100
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine | linear: the rate over the epochs (set per epoch; resumes exactly)
+    lr_warmup_epochs: int = 0  # linear warm-up from lr / warmup to lr over these first epochs
+    lr_final: float = 0.1  # cosine / linear: the rate of the last epoch, as a fraction of lr
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_rank: int = 0  # 0 = full fine-tuning
@@ -72,6 +76,9 @@ class TrainConfig:
         for name in ("epochs", "checkpoint_every", "eval_prompts"):
             check_positive(name, getattr(self, name), integer=True)
         check_positive("lr", self.lr)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range("lr_warmup_epochs", self.lr_warmup_epochs, 0, self.epochs - 1, integer=True)
+        check_range("lr_final", self.lr_final, 0, 1)
         check_range("weight_decay", self.weight_decay, 0, None)
         check_positive("max_grad_norm", self.max_grad_norm)
         check_range("lora_rank", self.lora_rank, 0, None, integer=True)
@@ -86,6 +93,24 @@ class TrainConfig:
             if not (isinstance(h, str) or (isinstance(h, dict) and isinstance(h.get("name"), str))):
                 raise ValueError(f"heldout_rewards[{i}] must be a reward name or a dict with a 'name' and the "
                                  f"reward's keyword arguments, got {h!r}")
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based): a linear warm-up over ``lr_warmup_epochs``, then
+    ``lr_schedule`` from ``lr`` down to ``lr_final * lr`` at the last epoch (``epochs - 1``). A function of the
+    epoch alone, so a resumed run continues the schedule where it stopped; ``max_minutes`` ending a run early
+    leaves the rest of the schedule unused (the final model is the last epoch's)."""
+    w = cfg.lr_warmup_epochs
+    if epoch < w:
+        return cfg.lr * (epoch + 1) / w
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    p = min(1.0, (epoch - w) / max(1, cfg.epochs - 1 - w))
+    shape = 0.5 * (1 + math.cos(math.pi * p)) if cfg.lr_schedule == "cosine" else 1 - p
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -351,6 +376,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         cfg, acc = self.cfg, self.accelerator
         seed = epoch_seed(cfg.seed, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
         prompts = self.prompts.sample(self.algo_cfg.prompts_per_epoch, seed)
         model = self._policy()
         world = self.shard.world
