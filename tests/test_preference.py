@@ -155,6 +155,34 @@ def test_timesteps_are_uniform_on_the_unit_interval_or_the_vp_training_grid():
     torch.testing.assert_close(k, k.round(), atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("dist", ["uniform", "logit_normal"])
+def test_a_restricted_t_range_draws_inside_it_and_the_full_range_draws_as_before(dist):
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    full = sample_timesteps(FlowSchedule(), 64, g(), dist, 0.0, 1.0)
+    assert torch.equal(full, sample_timesteps(FlowSchedule(), 64, g(), dist))
+    t = sample_timesteps(FlowSchedule(), 4000, g(), dist, 0.6, 0.9)
+    assert 0.6 <= t.min() and t.max() <= 0.9 and t.max() - t.min() > 0.28
+    if dist == "uniform":
+        assert abs(t.mean().item() - 0.75) < 0.01
+    else:  # logit-normal mass falls towards 0.5: the restricted mean lies below the interval's middle
+        assert t.mean().item() < 0.74
+    vp = tiny_model("epsilon").schedule
+    t = sample_timesteps(vp, 2000, g(), dist, 0.6, 1.0)
+    k = t * vp.num_train_timesteps - 1
+    assert t.min() >= 0.6 and t.max() == 1.0 and len(k.round().unique()) > 0.3 * vp.num_train_timesteps
+
+
+def test_dpo_trains_inside_its_t_range_and_a_bad_range_names_the_fields():
+    model = tiny_model()
+    algo = build("dpo", model, t_min=0.7)
+    micro = first_micro(algo, algo.collect(model, PROMPTS, epoch=0, seed=1))
+    assert micro.t.min() >= 0.7
+    with pytest.raises(ValueError, match="t_min=0.8 must be < t_max=0.5"):
+        build("dpo", model, t_min=0.8, t_max=0.5)
+    with pytest.raises(ValueError, match="t_max"):
+        build("dpo", model, t_max=1.5)
+
+
 # ----- invariants of the algorithms ------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["dpo", "npo", "d3po", "spo"])
 def test_at_initialisation_the_margin_is_zero_and_the_loss_is_log_2(method):

@@ -34,9 +34,11 @@ def rows(run_dir):
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+COSINE = {"lr_schedule": "cosine", "lr_warmup_epochs": 1}
+
+
 @pytest.mark.parametrize("method,model,extra", [("flow_grpo", "flow", {}), ("ddpo", "vp", {}),
-                                                ("flow_grpo", "flow", {"lora_rank": 4}),
-                                                ("flow_grpo", "flow", {"lr_schedule": "cosine", "lr_warmup_epochs": 1})])
+                                                ("flow_grpo", "flow", {"lora_rank": 4}), ("flow_grpo", "flow", COSINE)])
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_dirs, tmp_path, method, model, extra):
     cfg = cfg_for(tiny_dirs / model, method, **extra)
     final = train(cfg, tmp_path / "full", progress=False)

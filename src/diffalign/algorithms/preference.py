@@ -36,6 +36,7 @@ the base model, i.e. offline data made on the fly); ``policy`` draws them from t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,13 +121,26 @@ def denoising_error(model: Callable, x0: Tensor, t: Tensor, noise: Tensor, cond:
     return (pred - target).pow(2).mean(dim=tuple(range(1, x0.ndim))) if reduce else pred - target
 
 
-def sample_timesteps(schedule: Any, n: int, generator: torch.Generator, dist: str = "uniform") -> Tensor:
-    """``t [n]``: uniform over a VP schedule's training steps, or uniform / logit-normal on (0, 1)."""
+def sample_timesteps(schedule: Any, n: int, generator: torch.Generator, dist: str = "uniform",
+                     t_min: float = 0.0, t_max: float = 1.0) -> Tensor:
+    """``t [n]``: uniform over a VP schedule's training steps, or uniform / logit-normal on (0, 1);
+    ``t_min`` / ``t_max`` restrict either to ``[t_min, t_max]`` (t = 1 is pure noise; VP: the training
+    steps whose ``t`` lies there; logit-normal: restricted by inverse-CDF sampling, SD3's density)."""
+    full = t_min <= 0.0 and t_max >= 1.0
     if hasattr(schedule, "num_train_timesteps"):
-        return schedule.timestep_to_t(torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator)).float()
+        T = schedule.num_train_timesteps
+        lo, hi = (0, T) if full else (max(0, math.ceil(t_min * T) - 1), max(1, math.floor(t_max * T)))
+        return schedule.timestep_to_t(torch.randint(lo, max(hi, lo + 1), (n,), generator=generator)).float()
     if dist == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator))
-    return torch.rand(n, generator=generator).clamp(1e-4, 1 - 1e-4)
+        if full:
+            return torch.sigmoid(torch.randn(n, generator=generator))
+        normal = torch.distributions.Normal(0.0, 1.0)
+        logit = [math.log(x / (1 - x)) for x in (min(max(t, 1e-6), 1 - 1e-6) for t in (t_min, t_max))]
+        a, b = (normal.cdf(torch.tensor(v, dtype=torch.float64)) for v in logit)
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return torch.sigmoid(normal.icdf((a + (b - a) * u).clamp(1e-9, 1 - 1e-9))).float()
+    u = torch.rand(n, generator=generator)
+    return (u if full else t_min + (t_max - t_min) * u).clamp(1e-4, 1 - 1e-4)
 
 
 # ----- configs ---------------------------------------------------------------------------------------
@@ -143,6 +157,8 @@ class PreferenceConfig:
     eta: float | None = None
     error_space: str = "native"  # parametrisation the denoising error is measured in
     timestep_sampling: str = "uniform"  # t ~ U(0, 1) (the papers'); logit_normal for flow models
+    t_min: float = 0.0  # t is drawn from [t_min, t_max] only (t = 1: pure noise; the layout is set near it)
+    t_max: float = 1.0
     train_guidance_scale: float = 1.0  # 1: errors of the conditional model (the papers); w > 1: of the CFG-guided one
     uncond_fraction: float = 0.0  # share of pairs trained on the empty prompt (CFG dropout); 0: conditional only
     timesteps_per_pair: int = 1  # (t, noise) draws per pair (or unpaired sample) per pass, trained in the same passes
@@ -170,6 +186,10 @@ class PreferenceConfig:
             check_range("eta", self.eta, 0, 2)
         check_choice("error_space", self.error_space, ERROR_SPACES)
         check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        check_range("t_min", self.t_min, 0, 1, hi_open=True)
+        check_range("t_max", self.t_max, 0, 1, lo_open=True)
+        if self.t_min >= self.t_max:
+            raise ValueError(f"t_min={self.t_min} must be < t_max={self.t_max}")
         check_range("train_guidance_scale", self.train_guidance_scale, 0, None)
         check_range("uncond_fraction", self.uncond_fraction, 0, 1, hi_open=True)
 
@@ -373,7 +393,7 @@ class PairedPreference:
     # -- update plan -----------------------------------------------------------------------------
     def _draw(self, batch: PairBatch, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """``t [n]``, noise ``[n, ...]`` and prompt dropout ``[n]`` from the runtime's generator (exact resume)."""
-        t = sample_timesteps(batch.schedule, n, generator, self.cfg.timestep_sampling)
+        t = sample_timesteps(batch.schedule, n, generator, self.cfg.timestep_sampling, self.cfg.t_min, self.cfg.t_max)
         noise = torch.randn((n, *batch.x0.shape[1:]), generator=generator)
         f = self.cfg.uncond_fraction
         dropped = torch.rand(n, generator=generator) < f if f > 0 else torch.zeros(n, dtype=torch.bool)

@@ -52,7 +52,7 @@ class TrainConfig:
     algorithm: dict = field(default_factory=dict)  # method-specific fields (see the method's config class)
     epochs: int = 100
     lr: float = 1e-4
-    lr_schedule: str = "constant"  # constant | cosine | linear: the rate over the epochs (set per epoch; resumes exactly)
+    lr_schedule: str = "constant"  # constant | cosine | linear: the rate over the epochs (per epoch; resumes exactly)
     lr_warmup_epochs: int = 0  # linear warm-up from lr / warmup to lr over these first epochs
     lr_final: float = 0.1  # cosine / linear: the rate of the last epoch, as a fraction of lr
     weight_decay: float = 0.0
