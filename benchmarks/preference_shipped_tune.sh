@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# docs/algorithms/preference.md, "Re-tuned on the shipped base": Diffusion-DPO and the wave-3 methods re-tuned on the
+# shipped layout-role shapes-flow, from the pairs file of preference_shipped_base.sh (same RUNS: its pairs and its
+# runs at the v2 settings are reused), at equal pairs (150 epochs x 64 = 9,600). The settings are chosen on
+# training-split prompts (400 x 2 seeds, prompt seed 11), then every run is scored on the held-out prompts of
+# preference_shipped_base.sh (400 x 2 seeds, prompt seed 2024), paired against Diffusion-DPO as shipped.
+#
+#   RUNS=runs/pref-shipped bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
+#   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
+set -euo pipefail
+RUNS=${RUNS:-runs/pref-shipped}
+LANES=${LANES:-1}
+LANE=${LANE:-0}
+[ "$LANES" -gt 1 ] && LOCK=${LOCK:-/tmp/diffalign-cpu.lock.$LANE}
+source "$(dirname "$0")/_runs.sh"
+PAIRS=$RUNS/pairs
+# label config overrides...
+RUNS_LIST=(
+  "dpo-t06 dpo_shapes algorithm.t_min=0.6"
+  "dpo-lr1e-5 dpo_shapes lr=1e-5"
+  "dpo-lr6e-5 dpo_shapes lr=6e-5"
+  "dense-lr3e-5-b250 dense_reward_dpo_shapes lr=3e-5 algorithm.beta=250"
+  "dense-lr3e-5-b500-g08 dense_reward_dpo_shapes lr=3e-5 algorithm.beta=500 algorithm.gamma=0.8"
+  "smpo-lr3e-5-b250 smpo_shapes lr=3e-5 algorithm.beta=250"
+  "inpo-lr3e-5-b250 inpo_shapes lr=3e-5 algorithm.beta=250"
+  "adaptive-g2 adaptive_dpo_shapes algorithm.gamma=2"
+)
+SHIPPED=(dpo adaptive_dpo dense_reward_dpo smpo inpo)  # preference_shipped_base.sh's runs (v2 settings)
+
+train() {
+  [ -f "$PAIRS/pairs.jsonl" ] || locked $PY -m diffalign make-pairs --model shapes-flow --reward shapes --split train \
+    --n-prompts 768 --per-prompt 4 --mode all --seed 7 --out "$PAIRS"
+  local i=0
+  for spec in "${RUNS_LIST[@]}"; do
+    read -r label config overrides <<< "$spec"
+    if [ $((i % LANES)) -eq "$LANE" ]; then
+      # shellcheck disable=SC2086
+      run "$label" "$config" "algorithm.data=$PAIRS" eval_every=0 $overrides
+    fi
+    i=$((i + 1))
+  done
+}
+
+runs_args() {
+  args=()
+  for m in "${SHIPPED[@]}"; do args+=(--run "$m=$RUNS/$m"); done
+  for spec in "${RUNS_LIST[@]}"; do read -r label _ <<< "$spec"; args+=(--run "$label=$RUNS/$label"); done
+}
+
+select_() {  # the choice: training-split prompts only
+  runs_args
+  locked $PY benchmarks/bench_preference.py --split train --prompts 400 --seeds 2 --prompt-seed 11 \
+    --metrics shapes_soft,colorfulness --compare dpo --out "$RUNS/eval_tune_train.json" "${args[@]}"
+}
+
+heldout() {
+  runs_args
+  locked $PY benchmarks/bench_preference.py --prompts 400 --seeds 2 --metrics shapes_soft,colorfulness --compare dpo \
+    --out "$RUNS/eval_tune_heldout.json" "${args[@]}"
+}
+
+case "${1:-all}" in
+  train) train ;;
+  select) select_ ;;
+  heldout) heldout ;;
+  all) train; select_; heldout ;;
+  *) echo "usage: $0 [train|select|heldout|all]" >&2; exit 2 ;;
+esac
