@@ -5,7 +5,10 @@
 # training-split prompts (400 x 2 seeds, prompt seed 11), then every run is scored on the held-out prompts of
 # preference_shipped_base.sh (400 x 2 seeds, prompt seed 2024), paired against Diffusion-DPO as shipped.
 #
-#   RUNS=runs/pref-shipped bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
+# Round 2 (ROUND=2) trains every method at t_min 0.6, the window round 1 found for Diffusion-DPO, and compares
+# with Diffusion-DPO there (dpo-t06 of round 1).
+#
+#   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
 set -euo pipefail
 RUNS=${RUNS:-runs/pref-shipped}
@@ -26,6 +29,21 @@ RUNS_LIST=(
   "adaptive-g2 adaptive_dpo_shapes algorithm.gamma=2"
 )
 SHIPPED=(dpo adaptive_dpo dense_reward_dpo smpo inpo)  # preference_shipped_base.sh's runs (v2 settings)
+COMPARE=dpo
+if [ "${ROUND:-1}" = 2 ]; then  # the longest runs first, one in each lane
+  RUNS_LIST=(
+    "smpo-t06 smpo_shapes algorithm.t_min=0.6"
+    "inpo-t06 inpo_shapes algorithm.t_min=0.6"
+    "dense-t06-lr3e-5-b250-g08 dense_reward_dpo_shapes algorithm.t_min=0.6 lr=3e-5 algorithm.beta=250 algorithm.gamma=0.8"
+    "adaptive-t06 adaptive_dpo_shapes algorithm.t_min=0.6"
+    "dpo-t08 dpo_shapes algorithm.t_min=0.8"
+    "sdpo-t06-lr3e-5 sdpo_shapes algorithm.t_min=0.6 lr=3e-5"
+    "dpo-t06-lr6e-5 dpo_shapes algorithm.t_min=0.6 lr=6e-5"
+  )
+  SHIPPED=(dpo dpo-t06)
+  COMPARE=dpo-t06
+fi
+OUT=$RUNS/eval_tune${ROUND:-1}
 
 train() {
   [ -f "$PAIRS/pairs.jsonl" ] || locked $PY -m diffalign make-pairs --model shapes-flow --reward shapes --split train \
@@ -50,13 +68,13 @@ runs_args() {
 select_() {  # the choice: training-split prompts only
   runs_args
   locked $PY benchmarks/bench_preference.py --split train --prompts 400 --seeds 2 --prompt-seed 11 \
-    --metrics shapes_soft,colorfulness --compare dpo --out "$RUNS/eval_tune_train.json" "${args[@]}"
+    --metrics shapes_soft,colorfulness --compare "$COMPARE" --out "${OUT}_train.json" "${args[@]}"
 }
 
 heldout() {
   runs_args
-  locked $PY benchmarks/bench_preference.py --prompts 400 --seeds 2 --metrics shapes_soft,colorfulness --compare dpo \
-    --out "$RUNS/eval_tune_heldout.json" "${args[@]}"
+  locked $PY benchmarks/bench_preference.py --prompts 400 --seeds 2 --metrics shapes_soft,colorfulness \
+    --compare "$COMPARE" --out "${OUT}_heldout.json" "${args[@]}"
 }
 
 case "${1:-all}" in
