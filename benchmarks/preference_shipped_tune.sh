@@ -6,7 +6,8 @@
 # preference_shipped_base.sh (400 x 2 seeds, prompt seed 2024), paired against Diffusion-DPO as shipped.
 #
 # Round 2 (ROUND=2) trains every method at t_min 0.6, the window round 1 found for Diffusion-DPO, and compares
-# with Diffusion-DPO there (dpo-t06 of round 1).
+# with Diffusion-DPO there (dpo-t06 of round 1); round 3 moves the two methods that passed it to t_min 0.8, where
+# round 2 put Diffusion-DPO's best, and compares with Diffusion-DPO at 0.8.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -28,7 +29,7 @@ RUNS_LIST=(
   "inpo-lr3e-5-b250 inpo_shapes lr=3e-5 algorithm.beta=250"
   "adaptive-g2 adaptive_dpo_shapes algorithm.gamma=2"
 )
-SHIPPED=(dpo adaptive_dpo dense_reward_dpo smpo inpo)  # preference_shipped_base.sh's runs (v2 settings)
+SHIPPED=(dpo adaptive_dpo dense_reward_dpo smpo inpo)  # runs evaluated beside: preference_shipped_base.sh's (v2 settings)
 COMPARE=dpo
 if [ "${ROUND:-1}" = 2 ]; then  # the longest runs first, one in each lane
   RUNS_LIST=(
@@ -39,9 +40,18 @@ if [ "${ROUND:-1}" = 2 ]; then  # the longest runs first, one in each lane
     "dpo-t08 dpo_shapes algorithm.t_min=0.8"
     "sdpo-t06-lr3e-5 sdpo_shapes algorithm.t_min=0.6 lr=3e-5"
     "dpo-t06-lr6e-5 dpo_shapes algorithm.t_min=0.6 lr=6e-5"
+    "dense-g07-b750 dense_reward_dpo_shapes lr=3e-5 algorithm.beta=750 algorithm.gamma=0.7"  # U(0, 1), steep discount
   )
   SHIPPED=(dpo dpo-t06)
   COMPARE=dpo-t06
+fi
+if [ "${ROUND:-1}" = 3 ]; then  # Diffusion-DPO's train-split choice is t_min 0.8: the two methods above it at 0.6, there
+  RUNS_LIST=(
+    "adaptive-t08 adaptive_dpo_shapes algorithm.t_min=0.8"
+    "dense-t08-lr3e-5-b250-g08 dense_reward_dpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=250 algorithm.gamma=0.8"
+  )
+  SHIPPED=(dpo dpo-t06 dpo-t08 adaptive-t06 dense-t06-lr3e-5-b250-g08)
+  COMPARE=dpo-t08
 fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
