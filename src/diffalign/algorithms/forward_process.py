@@ -69,6 +69,7 @@ from ..core.parametrization import (
     to_x0_eps,
 )
 from ..core.prompts import negative_prompts
+from ..core.schedules import logit_normal_between
 from ..core.steps import SAMPLERS
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import (
@@ -165,17 +166,9 @@ class ForwardMicroBatch:
 def sample_times(n: int, cfg: ForwardProcessConfig, generator: torch.Generator) -> Tensor:
     """``n`` training times in ``[t_min, t_max]``: uniform, or a logit-normal restricted to the interval
     by inverse-CDF sampling (SD3's training density)."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
     if cfg.t_dist == "uniform":
-        return cfg.t_min + (cfg.t_max - cfg.t_min) * u
-    normal = torch.distributions.Normal(0.0, 1.0)
-
-    def cdf(t: float) -> Tensor:
-        t = min(max(t, 1e-6), 1 - 1e-6)
-        return normal.cdf(torch.tensor(t / (1 - t), dtype=torch.float64).log())
-
-    lo, hi = cdf(cfg.t_min), cdf(cfg.t_max)
-    return torch.sigmoid(normal.icdf((lo + (hi - lo) * u).clamp(1e-9, 1 - 1e-9)))
+        return cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(n, generator=generator, dtype=torch.float64)
+    return logit_normal_between(n, generator, cfg.t_min, cfg.t_max)
 
 
 def matching_loss(pred: Tensor, target: Tensor) -> Tensor:

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from ..config import check_positive, check_range
 from ..core.parametrization import cond_cat, cond_index, to_x0_eps
 from ..core.prompts import negative_prompts
+from ..core.schedules import sample_timesteps
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
-from .preference import sample_timesteps
 from .stepwise_preference import SPO, SPOConfig
 
 

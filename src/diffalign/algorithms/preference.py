@@ -36,7 +36,6 @@ the base model, i.e. offline data made on the fly); ``policy`` draws them from t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +56,7 @@ from ..core.parametrization import (
     guided_prediction,
 )
 from ..core.prompts import negative_prompts
+from ..core.schedules import sample_timesteps
 from ..core.steps import SAMPLERS
 from ._policy_gradient import _unwrap, model_prediction_type, model_schedule
 from ._rollout import reward_stats, rollout
@@ -102,7 +102,7 @@ def mapo_loss(err_w: Tensor, err_l: Tensor, beta: float, gamma: float, T: float)
     return loss, {"margin": margin.mean().item(), "implicit_acc": (margin > 0).float().mean().item()}
 
 
-# ----- denoising errors and timesteps --------------------------------------------------------------
+# ----- denoising errors (timesteps: core.schedules.sample_timesteps) ------------------------------
 def denoising_error(model: Callable, x0: Tensor, t: Tensor, noise: Tensor, cond: Any, *, schedule: Any,
                     prediction_type: str, error_space: str = "native", reduce: bool = True) -> Tensor:
     """``||target - prediction||^2`` averaged over non-batch dims, for ``x_t = alpha x_0 + sigma noise``
@@ -119,28 +119,6 @@ def denoising_error(model: Callable, x0: Tensor, t: Tensor, noise: Tensor, cond:
     pred = convert(model(x_t, t, cond).float(), x_t, alpha, sigma, prediction_type, space)
     target = from_x0_eps(x0, noise, alpha, sigma, space)
     return (pred - target).pow(2).mean(dim=tuple(range(1, x0.ndim))) if reduce else pred - target
-
-
-def sample_timesteps(schedule: Any, n: int, generator: torch.Generator, dist: str = "uniform",
-                     t_min: float = 0.0, t_max: float = 1.0) -> Tensor:
-    """``t [n]``: uniform over a VP schedule's training steps, or uniform / logit-normal on (0, 1);
-    ``t_min`` / ``t_max`` restrict either to ``[t_min, t_max]`` (t = 1 is pure noise; VP: the training
-    steps whose ``t`` lies there; logit-normal: restricted by inverse-CDF sampling, SD3's density)."""
-    full = t_min <= 0.0 and t_max >= 1.0
-    if hasattr(schedule, "num_train_timesteps"):
-        T = schedule.num_train_timesteps
-        lo, hi = (0, T) if full else (max(0, math.ceil(t_min * T) - 1), max(1, math.floor(t_max * T)))
-        return schedule.timestep_to_t(torch.randint(lo, max(hi, lo + 1), (n,), generator=generator)).float()
-    if dist == "logit_normal":
-        if full:
-            return torch.sigmoid(torch.randn(n, generator=generator))
-        normal = torch.distributions.Normal(0.0, 1.0)
-        logit = [math.log(x / (1 - x)) for x in (min(max(t, 1e-6), 1 - 1e-6) for t in (t_min, t_max))]
-        a, b = (normal.cdf(torch.tensor(v, dtype=torch.float64)) for v in logit)
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        return torch.sigmoid(normal.icdf((a + (b - a) * u).clamp(1e-9, 1 - 1e-9))).float()
-    u = torch.rand(n, generator=generator)
-    return (u if full else t_min + (t_max - t_min) * u).clamp(1e-4, 1 - 1e-4)
 
 
 # ----- configs ---------------------------------------------------------------------------------------

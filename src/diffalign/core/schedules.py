@@ -204,3 +204,35 @@ def schedule_from_dict(d: dict) -> Schedule:
     if kind == "vp":
         return VPSchedule(**d)
     raise ValueError(f"schedule kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
+
+
+def logit_normal_between(n: int, generator: torch.Generator, t_min: float, t_max: float) -> Tensor:
+    """``n`` float64 draws of SD3's logit-normal training density restricted to ``[t_min, t_max]`` by
+    inverse-CDF sampling (one ``rand`` of ``n`` from ``generator``)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    normal = torch.distributions.Normal(0.0, 1.0)
+
+    def cdf(t: float) -> Tensor:
+        t = min(max(t, 1e-6), 1 - 1e-6)
+        return normal.cdf(torch.tensor(t / (1 - t), dtype=torch.float64).log())
+
+    lo, hi = cdf(t_min), cdf(t_max)
+    return torch.sigmoid(normal.icdf((lo + (hi - lo) * u).clamp(1e-9, 1 - 1e-9)))
+
+
+def sample_timesteps(schedule: "VPSchedule | FlowSchedule", n: int, generator: torch.Generator, dist: str = "uniform",
+                     t_min: float = 0.0, t_max: float = 1.0) -> Tensor:
+    """``t [n]``: uniform over a VP schedule's training steps, or uniform / logit-normal on (0, 1);
+    ``t_min`` / ``t_max`` restrict either to ``[t_min, t_max]`` (t = 1 is pure noise; VP: the training
+    steps whose ``t`` lies there; logit-normal: restricted by inverse-CDF sampling, SD3's density)."""
+    full = t_min <= 0.0 and t_max >= 1.0
+    if hasattr(schedule, "num_train_timesteps"):
+        T = schedule.num_train_timesteps
+        lo, hi = (0, T) if full else (max(0, math.ceil(t_min * T) - 1), max(1, math.floor(t_max * T)))
+        return schedule.timestep_to_t(torch.randint(lo, max(hi, lo + 1), (n,), generator=generator)).float()
+    if dist == "logit_normal":
+        if full:
+            return torch.sigmoid(torch.randn(n, generator=generator))
+        return logit_normal_between(n, generator, t_min, t_max).float()
+    u = torch.rand(n, generator=generator)
+    return (u if full else t_min + (t_max - t_min) * u).clamp(1e-4, 1 - 1e-4)

@@ -28,6 +28,7 @@ from ..models.shapes_unet import ShapesDenoiser, default_config
 from ..worlds import shapes
 from .checkpoint import load_checkpoint, save_checkpoint
 from .ema import EMA
+from .lr import scheduled_lr
 
 
 @dataclass
@@ -175,10 +176,7 @@ def init_model(cfg: PretrainConfig) -> ShapesDenoiser:
 
 
 def lr_at(cfg: PretrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return scheduled_lr(cfg.lr, step, cfg.steps - cfg.warmup, cfg.warmup)  # cosine to lr / 10
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, *, resume: bool = False, force: bool = False,

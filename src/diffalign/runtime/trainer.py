@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from .checkpoint import atomic_torch_save, check_resumable, load_checkpoint, sav
 from .devices import resolve_device
 from .distributed import agree, all_reduce_sum, own_micro_batches, process_shard, reduce_stats
 from .ema import EMA
+from .lr import check_lr_schedule, lr_at
 from .lora import Reference, apply_lora, is_lora, lora_targets, merged_lora
 from .prompts import PromptSource, PromptsConfig
 
@@ -76,9 +76,7 @@ class TrainConfig:
         for name in ("epochs", "checkpoint_every", "eval_prompts"):
             check_positive(name, getattr(self, name), integer=True)
         check_positive("lr", self.lr)
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_range("lr_warmup_epochs", self.lr_warmup_epochs, 0, self.epochs - 1, integer=True)
-        check_range("lr_final", self.lr_final, 0, 1)
+        check_lr_schedule(self)
         check_range("weight_decay", self.weight_decay, 0, None)
         check_positive("max_grad_norm", self.max_grad_norm)
         check_range("lora_rank", self.lora_rank, 0, None, integer=True)
@@ -93,24 +91,6 @@ class TrainConfig:
             if not (isinstance(h, str) or (isinstance(h, dict) and isinstance(h.get("name"), str))):
                 raise ValueError(f"heldout_rewards[{i}] must be a reward name or a dict with a 'name' and the "
                                  f"reward's keyword arguments, got {h!r}")
-
-
-LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """The learning rate of epoch ``epoch`` (0-based): a linear warm-up over ``lr_warmup_epochs``, then
-    ``lr_schedule`` from ``lr`` down to ``lr_final * lr`` at the last epoch (``epochs - 1``). A function of the
-    epoch alone, so a resumed run continues the schedule where it stopped; ``max_minutes`` ending a run early
-    leaves the rest of the schedule unused (the final model is the last epoch's)."""
-    w = cfg.lr_warmup_epochs
-    if epoch < w:
-        return cfg.lr * (epoch + 1) / w
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    p = min(1.0, (epoch - w) / max(1, cfg.epochs - 1 - w))
-    shape = 0.5 * (1 + math.cos(math.pi * p)) if cfg.lr_schedule == "cosine" else 1 - p
-    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * shape)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
