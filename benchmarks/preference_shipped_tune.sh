@@ -7,7 +7,8 @@
 #
 # Round 2 (ROUND=2) trains every method at t_min 0.6, the window round 1 found for Diffusion-DPO, and compares
 # with Diffusion-DPO there (dpo-t06 of round 1); round 3 moves the two methods that passed it to t_min 0.8, where
-# round 2 put Diffusion-DPO's best, and compares with Diffusion-DPO at 0.8.
+# round 2 put Diffusion-DPO's best, and compares with Diffusion-DPO at 0.8; round 4 runs BalancedDPO, DCPO, SDPO and
+# Inversion-DPO at the window, compared with Diffusion-DPO at 0.8.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -51,6 +52,20 @@ if [ "${ROUND:-1}" = 3 ]; then  # Diffusion-DPO's train-split choice is t_min 0.
     "dense-t08-lr3e-5-b250-g08 dense_reward_dpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=250 algorithm.gamma=0.8"
   )
   SHIPPED=(dpo dpo-t06 dpo-t08 adaptive-t06 dense-t06-lr3e-5-b250-g08)
+  COMPARE=dpo-t08
+fi
+if [ "${ROUND:-1}" = 4 ]; then  # the file-pair methods not yet run at the window, beside Diffusion-DPO at t_min 0.8
+  RUNS_LIST=(
+    "inversion-t08 inversion_dpo_shapes algorithm.t_min=0.8"
+    "inversion-t08-lr3e-5 inversion_dpo_shapes algorithm.t_min=0.8 lr=3e-5"
+    "balanced-t06 balanced_dpo_shapes algorithm.t_min=0.6"
+    "balanced-t08 balanced_dpo_shapes algorithm.t_min=0.8"
+    "dcpo-t08 dcpo_shapes algorithm.t_min=0.8"
+    "dcpo-t08-lr3e-5 dcpo_shapes algorithm.t_min=0.8 lr=3e-5"
+    "sdpo-t08-lr3e-5 sdpo_shapes algorithm.t_min=0.8 lr=3e-5"
+    "sdpo-t08-lr3e-5-mu05 sdpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.mu=0.5"
+  )
+  SHIPPED=(dpo dpo-t08 adaptive-t06 dense-t08-lr3e-5-b250-g08)
   COMPARE=dpo-t08
 fi
 OUT=$RUNS/eval_tune${ROUND:-1}
