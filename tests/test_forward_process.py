@@ -157,6 +157,30 @@ def test_crd_micro_batches_hold_whole_groups_at_a_shared_noise_draw():
         assert len(micro.t.unique()) == 1 and all(torch.equal(micro.noise[0], n) for n in micro.noise)
 
 
+@pytest.mark.parametrize("method", ["diffusion_nft", "awm"])
+def test_skip_zero_std_groups_trains_only_groups_whose_rewards_differ(method):
+    model = tiny_model()
+    cfg, cls = build(method, beta=0.0, steps_per_epoch=2, micro_batch_size=4)
+    skip_cfg, _ = build(method, beta=0.0, steps_per_epoch=2, micro_batch_size=4, skip_zero_std_groups=True)
+    batch = cls(cfg, reward=verifier_reward).collect(model, ["two red circles", "a blue square"], epoch=0, seed=3)
+    batch.rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.2, 0.9, 0.9, 0.9])  # group 0 uniform, group 1 not
+    batch.valid = torch.ones(8, dtype=torch.bool)
+
+    def planned(c):
+        steps = list(cls(c, reward=verifier_reward).minibatches(batch, torch.Generator().manual_seed(0)))
+        return [torch.cat([m.idx for m in step]) for step in steps]
+
+    everything, informative = planned(cfg), planned(skip_cfg)
+    assert sorted(torch.cat(everything).unique().tolist()) == list(range(8))
+    assert sorted(torch.cat(informative).unique().tolist()) == [4, 5, 6, 7]
+    assert len(informative) == 2 and all(len(s) == 2 * cfg.timesteps_per_sample for s in informative)
+    assert cls(skip_cfg, reward=verifier_reward).collect(model, ["a blue square"] * 2, epoch=0, seed=3).info[
+        "trained_fraction"] in (0.0, 0.5, 1.0)
+    # a failed sample does not make its group informative; an all-uniform batch plans no step
+    batch.rewards, batch.valid = torch.tensor([1.0] * 4 + [0.5, 0.5, 0.5, 0.0]), torch.tensor([True] * 7 + [False])
+    assert planned(skip_cfg) == []
+
+
 def test_old_policy_follows_its_decay_schedule():
     model = tiny_model()
     cfg, cls = build("awm", decay_start=0.5, decay_max=0.5)
@@ -197,6 +221,8 @@ def test_bad_method_specific_fields():
         algorithms.build_config("crd", {"group_size": 4, "batch_size": 8, "micro_batch_size": 6})
     with pytest.raises(ValueError, match="unknown"):
         algorithms.build_config("crd", {"crd_temperature": 1.0})
+    with pytest.raises(ValueError, match="skip_zero_std_groups=True is not supported by CRD"):
+        algorithms.build_config("crd", {"group_size": 4, "batch_size": 8, "skip_zero_std_groups": True})
 
 
 # ----- runtime: resume ----------------------------------------------------------------------------

@@ -165,6 +165,20 @@ def group_advantages(rewards: Tensor, group: Tensor, *, std: bool = True, eps: f
     return adv
 
 
+def informative_samples(batch: Batch) -> Tensor:
+    """``[N]`` bool: the valid samples of groups whose valid rewards are not all equal (DAPO, Yu et al. 2025,
+    "dynamic sampling": a group of equal rewards has zero advantage everywhere, so DiffusionNFT trains its
+    samples at r = 1/2 and AWM gives them no weight)."""
+    keep = torch.zeros(len(batch), dtype=torch.bool)
+    valid = batch.valid.cpu()
+    for g in batch.group.unique():
+        idx = (batch.group.cpu() == g) & valid
+        r = batch.rewards.cpu()[idx]
+        if len(r) > 1 and bool((r != r[0]).any()):
+            keep |= idx
+    return keep
+
+
 class PerPromptStatTracker:
     """DDPO's per-prompt reward normalisation: each prompt's rewards are normalised by the mean and
     std of the last ``buffer_size`` rewards seen for that prompt, once ``min_count`` are there;

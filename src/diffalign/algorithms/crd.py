@@ -48,6 +48,9 @@ class CRDConfig(ForwardProcessConfig):
         if (self.batch_size // self.steps_per_epoch) % self.group_size:
             raise ValueError(f"batch_size / steps_per_epoch = {self.batch_size // self.steps_per_epoch} must be a "
                              f"multiple of group_size={self.group_size}: CRD centres within whole groups")
+        if self.skip_zero_std_groups:
+            raise ValueError("skip_zero_std_groups=True is not supported by CRD: its steps take whole groups in equal "
+                             "shares; use diffusion_nft or awm")
 
     def sample_decay(self, epoch: int) -> float:
         return min(self.sample_decay_start + self.sample_decay_slope * epoch, self.sample_decay_max)

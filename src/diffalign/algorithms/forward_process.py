@@ -76,6 +76,7 @@ from ._rollout import (
     Batch,
     check_group_batching,
     group_advantages,
+    informative_samples,
     render_latents,
     reward_stats,
     rollout,
@@ -112,6 +113,7 @@ class ForwardProcessConfig:
     micro_batch_size: int = 32
     steps_per_epoch: int = 1  # optimiser steps per pass
     inner_epochs: int = 1
+    skip_zero_std_groups: bool = False  # train only on groups whose rewards differ (DAPO's dynamic-sampling filter)
 
     def __post_init__(self) -> None:
         for name in ("group_size", "batch_size", "num_steps", "timesteps_per_sample", "micro_batch_size",
@@ -270,10 +272,17 @@ class ForwardProcessRL:
         sampler_model = _OldPolicyModel(model, self.old) if cfg.sample_with == "old" else model
         batch = finish_batch(final_rollout(sampler_model, prompts, self.reward, cfg, seed), model, cfg)
         batch.info["old_decay"] = cfg.decay(epoch)
+        if cfg.skip_zero_std_groups:
+            batch.info["trained_fraction"] = float(informative_samples(batch).float().mean())
         return batch
 
     def _chunks(self, batch: Batch, generator: torch.Generator) -> list[Tensor]:
-        return list(torch.randperm(len(batch), generator=generator).chunk(self.cfg.steps_per_epoch))
+        order = torch.randperm(len(batch), generator=generator)
+        if self.cfg.skip_zero_std_groups:  # the same permutation is drawn either way: resume draws the same
+            order = order[informative_samples(batch)[order]]
+            if len(order) == 0:
+                return []
+        return list(order.chunk(self.cfg.steps_per_epoch))
 
     def minibatches(self, batch: Batch, generator: torch.Generator) -> Iterator[list[ForwardMicroBatch]]:
         """One list per optimiser step: a chunk of the samples, each at ``timesteps_per_sample`` fresh
