@@ -8,7 +8,8 @@
 # Round 2 (ROUND=2) trains every method at t_min 0.6, the window round 1 found for Diffusion-DPO, and compares
 # with Diffusion-DPO there (dpo-t06 of round 1); round 3 moves the two methods that passed it to t_min 0.8, where
 # round 2 put Diffusion-DPO's best, and compares with Diffusion-DPO at 0.8; round 4 runs BalancedDPO, DCPO, SDPO and
-# Inversion-DPO at the window, compared with Diffusion-DPO at 0.8.
+# Inversion-DPO at the window, compared with Diffusion-DPO at 0.8; round 5 trains on on-policy pairs (25 epochs of 64
+# prompts x 4 base samples, 1,600 pairs) at the window, compared with Diffusion-DPO on-policy at 0.8.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -67,6 +68,16 @@ if [ "${ROUND:-1}" = 4 ]; then  # the file-pair methods not yet run at the windo
   )
   SHIPPED=(dpo dpo-t08 adaptive-t06 dense-t08-lr3e-5-b250-g08)
   COMPARE=dpo-t08
+fi
+if [ "${ROUND:-1}" = 5 ]; then  # on-policy pairs (the base's 4 samples of a prompt ranked by the verifier) at the window
+  RUNS_LIST=(
+    "dpo-op-t08 dpo_shapes algorithm.source=reference algorithm.data=\"\" epochs=25 algorithm.t_min=0.8"
+    "ranking-op-t08 ranking_dpo_shapes epochs=25 algorithm.t_min=0.8"
+    "adaptive-op-t06 adaptive_dpo_shapes algorithm.source=reference algorithm.data=\"\" epochs=25 algorithm.t_min=0.6"
+    "dense-op-t08 dense_reward_dpo_shapes algorithm.source=reference algorithm.data=\"\" epochs=25 algorithm.t_min=0.8 lr=3e-5 algorithm.beta=250 algorithm.gamma=0.8"
+  )
+  SHIPPED=(dpo-t08)
+  COMPARE=dpo-op-t08
 fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
