@@ -72,7 +72,7 @@ fi
 if [ "${ROUND:-1}" = 5 ]; then  # on-policy pairs (the base's 4 samples of a prompt ranked by the verifier) at the window
   RUNS_LIST=(
     "dpo-op-t08 dpo_shapes algorithm.source=reference algorithm.data=\"\" epochs=25 algorithm.t_min=0.8"
-    "ranking-op-t08 ranking_dpo_shapes epochs=25 algorithm.t_min=0.8"
+    "ranking-op-t08 ranking_dpo_shapes algorithm.data=\"\" epochs=25 algorithm.t_min=0.8"
     "adaptive-op-t06 adaptive_dpo_shapes algorithm.source=reference algorithm.data=\"\" epochs=25 algorithm.t_min=0.6"
     "dense-op-t08 dense_reward_dpo_shapes algorithm.source=reference algorithm.data=\"\" epochs=25 algorithm.t_min=0.8 lr=3e-5 algorithm.beta=250 algorithm.gamma=0.8"
   )
