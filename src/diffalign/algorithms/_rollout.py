@@ -169,11 +169,11 @@ def informative_samples(batch: Batch) -> Tensor:
     """``[N]`` bool: the valid samples of groups whose valid rewards are not all equal (DAPO, Yu et al. 2025,
     "dynamic sampling": a group of equal rewards has zero advantage everywhere, so DiffusionNFT trains its
     samples at r = 1/2 and AWM gives them no weight)."""
+    group, rewards, valid = batch.group.cpu(), batch.rewards.cpu(), batch.valid.cpu()
     keep = torch.zeros(len(batch), dtype=torch.bool)
-    valid = batch.valid.cpu()
-    for g in batch.group.unique():
-        idx = (batch.group.cpu() == g) & valid
-        r = batch.rewards.cpu()[idx]
+    for g in group.unique():
+        idx = (group == g) & valid
+        r = rewards[idx]
         if len(r) > 1 and bool((r != r[0]).any()):
             keep |= idx
     return keep
