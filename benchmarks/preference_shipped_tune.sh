@@ -9,7 +9,9 @@
 # with Diffusion-DPO there (dpo-t06 of round 1); round 3 moves the two methods that passed it to t_min 0.8, where
 # round 2 put Diffusion-DPO's best, and compares with Diffusion-DPO at 0.8; round 4 runs BalancedDPO, DCPO, SDPO and
 # Inversion-DPO at the window, compared with Diffusion-DPO at 0.8; round 5 trains on on-policy pairs (25 epochs of 64
-# prompts x 4 base samples, 1,600 pairs) at the window, compared with Diffusion-DPO on-policy at 0.8.
+# prompts x 4 base samples, 1,600 pairs) at the window, compared with Diffusion-DPO on-policy at 0.8; round 6 trains
+# IPR on step pairs at the window (its candidates ranked on their predicted x0, or on their ODE continuation's
+# reward), about 1,600 step pairs a run, compared with Diffusion-DPO on-policy at 0.8.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -79,6 +81,18 @@ if [ "${ROUND:-1}" = 5 ]; then  # on-policy pairs (the base's 4 samples of a pro
   SHIPPED=(dpo-t08)
   COMPARE=dpo-op-t08
 fi
+DATA_ARG="algorithm.data=$PAIRS"
+if [ "${ROUND:-1}" = 6 ]; then  # IPR at the window: step pairs of the policy's own trajectories, 64 prompts an epoch
+  IPR="ipr_shapes algorithm.prompts_per_epoch=64 algorithm.steps_per_epoch=2 algorithm.guidance_scale=5"
+  RUNS_LIST=(
+    "ipr-ro-t08 $IPR algorithm.step_score=rollout algorithm.step_reward=\"\" algorithm.t_min=0.8 epochs=28"
+    "ipr-ro-t06 $IPR algorithm.step_score=rollout algorithm.step_reward=\"\" algorithm.t_min=0.6 epochs=22"
+    "ipr-x0-t08 $IPR algorithm.t_min=0.8 epochs=9"
+  )
+  SHIPPED=(dpo-t08 dpo-op-t08 dense-op-t08 adaptive-op-t06)
+  COMPARE=dpo-op-t08
+  DATA_ARG=""
+fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
 train() {
@@ -89,7 +103,7 @@ train() {
     read -r label config overrides <<< "$spec"
     if [ $((i % LANES)) -eq "$LANE" ]; then
       # shellcheck disable=SC2086
-      run "$label" "$config" "algorithm.data=$PAIRS" eval_every=0 $overrides
+      run "$label" "$config" $DATA_ARG eval_every=0 $overrides
     fi
     i=$((i + 1))
   done

@@ -458,3 +458,52 @@ def test_bad_config_is_a_clear_error(method, overrides, message):
     with pytest.raises(ValueError) as e:
         algorithms.build_config(method, overrides)
     assert message in str(e.value)
+
+
+def _brightness(images, prompts, meta=None):
+    return images.float().mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("step_score", ["x0_hat", "rollout"])
+def test_ipr_window_pairs_only_the_noisy_steps_and_rollout_ranks_by_the_continuations_reward(step_score):
+    """``t_min``: candidates and pairs only at the steps that start at ``t >= t_min``; ``step_score:
+    rollout``: the preferred candidate is the one whose deterministic continuation (Euler steps of
+    the flow ODE, here by hand) ends brighter."""
+    from diffalign.core.parametrization import guided_prediction
+    from diffalign.core.steps import get_step
+
+    model = tiny_model()
+    cfg = algorithms.build_config("ipr", {"num_steps": 4, "t_min": 0.6, "step_score": step_score, "threshold": 0.0,
+                                          "guidance_scale": 1.0, "step_reward": ""})
+    _, cls, _ = algorithms.get("ipr")
+    algo = cls(cfg, reward=_brightness, reference=Reference(model))
+    with torch.no_grad():
+        b = algo.collect(model, PROMPTS, epoch=0, seed=3)
+    assert b.t.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert set(b.step.tolist()) == {0, 1}  # t = 1 and 0.75; 0.5 < t_min draws one sample and no pair
+    assert len(b.step) == 2 * len(PROMPTS)  # brightness never ties: every sample, every window step
+    assert b.images.shape[0] == len(PROMPTS)
+    if step_score == "x0_hat":
+        return
+    ode = get_step("flow_ode")
+    with torch.no_grad():
+        for q in range(len(b.step)):
+            j, cond = int(b.step[q]), model.encode_prompts([PROMPTS[int(b.owner[q])]])
+            ends = []
+            for x in (b.x_w[q:q + 1], b.x_l[q:q + 1]):
+                for k in range(j + 1, 4):
+                    out = guided_prediction(model, x, b.t[k].float().expand(1), cond, None, 1.0)
+                    x = ode(x, out, b.t[k], b.t[k + 1], schedule=model.schedule,
+                            prediction_type=model.prediction_type).prev_sample
+                ends.append(_brightness(model.decode(x), None).item())
+            assert ends[0] > ends[1]
+
+
+def test_ipr_rollout_score_names_the_field_and_lpo_refuses_it():
+    with pytest.raises(ValueError, match="step_score must be one of"):
+        algorithms.build_config("ipr", {"step_score": "final"})
+    with pytest.raises(ValueError, match=r"t_min must be in \[0, 1\), got 1.0"):
+        algorithms.build_config("ipr", {"t_min": 1.0})
+    with pytest.raises(ValueError, match="lpo ranks candidates with its latent reward model: step_score must be "
+                                         "'x0_hat', got 'rollout'"):
+        algorithms.build_config("lpo", {"lrm_data": "x", "step_score": "rollout"})

@@ -102,6 +102,9 @@ class LPOConfig(SPOConfig):
         check_positive("lrm_lr", self.lrm_lr)
         check_range("threshold", self.threshold, 0.5, 1, hi_open=True)
         check_range("max_t", self.max_t, 0, 1, lo_open=True)
+        if self.step_score != "x0_hat":
+            raise ValueError(f"lpo ranks candidates with its latent reward model: step_score must be 'x0_hat', "
+                             f"got {self.step_score!r}")
 
 
 class LPO(SPO):

@@ -43,10 +43,12 @@ from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_cat, cond_index, guided_prediction, to_x0_eps
 from ..core.prompts import negative_prompts
 from ..core.sampling import seeded_noise
-from ..core.steps import SAMPLERS, get_step
+from ..core.steps import SAMPLERS, ddim_step, get_step
 from ._policy_gradient import model_prediction_type, model_schedule
 from ._rollout import reward_stats, rollout, safe_reward
 from .preference import best_worst_pairs
+
+DETERMINISTIC = ddim_step  # at eta = 0: DDIM, and on a flow schedule the Euler step of the ODE
 
 
 def stepwise_dpo_loss(log_prob_w: Tensor, ref_log_prob_w: Tensor, log_prob_l: Tensor, ref_log_prob_l: Tensor,
@@ -110,12 +112,16 @@ class SPOConfig(StepwiseConfig):
     threshold: float = 0.1  # score gap a step pair needs (SPO's compare threshold)
     step_reward: str = ""  # registry name of the step-aware preference (on the predicted x0); "" = the training reward
     continue_from: str = "random"  # the candidate the trajectory continues from: random (SPO) | best (IPR / TailorPO)
+    step_score: str = "x0_hat"  # what a candidate is ranked on: x0_hat (the papers) | rollout (its ODE continuation)
+    t_min: float = 0.0  # candidates and pairs only at steps starting at t >= t_min (below: one sample, no pair)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("num_candidates", self.num_candidates, 2, None, integer=True)
         check_range("threshold", self.threshold, 0, None)
         check_choice("continue_from", self.continue_from, ["random", "best"])
+        check_choice("step_score", self.step_score, ["x0_hat", "rollout"])
+        check_range("t_min", self.t_min, 0, 1, hi_open=True)
 
 
 @dataclass
@@ -240,6 +246,19 @@ class SPO(StepwisePreference):
             x0_hat = cand
         return safe_reward(self.step_reward, model.decode(x0_hat).float(), prompts)
 
+    def rollout_scores(self, model, cand: Tensor, j: int, ts: Tensor, cond_k: Any, uncond_k: Any,
+                       prompts: list[str]) -> tuple[Tensor, int]:
+        """``step_score: rollout``: the step reward of each candidate's deterministic continuation --
+        the DDIM step at ``eta = 0`` (the Euler step of the ODE on a flow schedule) at the policy's
+        guidance, from ``t[j + 1]`` to 0 -- and the failure count."""
+        schedule, ptype = model_schedule(model), model_prediction_type(model)
+        y = cand
+        for k in range(j + 1, len(ts) - 1):
+            out = guided_prediction(model, y, ts[k].float().expand(len(y)).to(y.device), cond_k, uncond_k,
+                                    self.cfg.guidance_scale)
+            y = DETERMINISTIC(y, out, ts[k], ts[k + 1], eta=0.0, schedule=schedule, prediction_type=ptype).prev_sample
+        return safe_reward(self.step_reward, model.decode(y).float(), prompts)
+
     def pair_ok(self, gap: Tensor, t_prev: Tensor) -> Tensor:
         """Which of the step's best-worst gaps ``[N]`` form a pair."""
         return torch.isfinite(gap) & (gap > self.cfg.threshold)
@@ -258,6 +277,7 @@ class SPO(StepwisePreference):
         cond_k = cond_cat(*[cond] * K)
         uncond_k = None if uncond is None else cond_cat(*[uncond] * K)
         ts = schedule.timesteps(cfg.num_steps)
+        window = ts[:-1] >= cfg.t_min - 1e-9  # steps that branch into candidates
         x = seeded_noise(model.sample_shape, [seed + i for i in range(N)], device)
         kw = {"eta": cfg.eta, "schedule": schedule, "prediction_type": ptype, **self.step_kw}
         rows: dict[str, list] = {k: [] for k in ("owner", "step", "x_t", "x_w", "x_l")}
@@ -265,9 +285,15 @@ class SPO(StepwisePreference):
         for j in range(cfg.num_steps):
             t, t_prev = ts[j], ts[j + 1]
             out = guided_prediction(model, x, t.float().expand(N).to(device), cond, uncond, cfg.guidance_scale)
+            if not window[j]:  # below the window: the trajectory's own step, no candidates
+                x = self.step_fn(x, out, t, t_prev, generator=gen, **kw).prev_sample
+                continue
             x_rep, out_rep = torch.cat([x] * K), torch.cat([out] * K)  # candidate k of sample i at k * N + i
             cand = self.step_fn(x_rep, out_rep, t, t_prev, generator=gen, **kw).prev_sample
-            scores, failed = self.score_candidates(model, cand, t_prev, cond_k, uncond_k, prompts * K)
+            if cfg.step_score == "rollout":
+                scores, failed = self.rollout_scores(model, cand, j, ts, cond_k, uncond_k, prompts * K)
+            else:
+                scores, failed = self.score_candidates(model, cand, t_prev, cond_k, uncond_k, prompts * K)
             n_failed += failed
             scores = scores.view(K, N)
             best, worst = scores.nan_to_num(-float("inf")).argmax(0), scores.nan_to_num(float("inf")).argmin(0)
@@ -290,7 +316,7 @@ class SPO(StepwisePreference):
             prompts=list(prompts), images=images.cpu(), rewards=final, cond=cond, uncond=uncond, t=ts,
             owner=cat["owner"], step=cat["step"], x_t_w=cat["x_t"], x_w=cat["x_w"], x_t_l=None, x_l=cat["x_l"],
             info={"reward_mean": r.mean().item() if len(r) else float("nan"), "pairs": float(len(cat["step"])),
-                  "step_score_gap": sum(gaps) / len(gaps), "reward_failed": float(n_failed + failed)})
+                  "step_score_gap": sum(gaps) / max(len(gaps), 1), "reward_failed": float(n_failed + failed)})
 
 
 PRESETS: dict[str, tuple[type, type, dict]] = {
