@@ -27,6 +27,13 @@ ratio leaves the interval). Log-probs are averaged over dimensions (the DDPO con
   way -- and the trajectory continues from the preferred one. SPO's sampler with
   ``num_candidates: 2, continue_from: best`` (the ``ipr`` preset); TailorPO's optional gradient
   guidance of the pair (TailorPO-G) is not implemented.
+
+Two diffalign options of SPO's sampler (both off by default, i.e. the papers' method):
+``t_min`` branches into candidates only at the steps that start at ``t >= t_min`` (the noisy end,
+where a shapes-world layout is set; the other steps draw the trajectory's one sample and form no
+pair), and ``step_score: rollout`` ranks a candidate by the reward of its deterministic continuation
+to ``t = 0`` instead of the reward of its predicted ``x_0`` -- at the noisy end a predicted ``x_0``
+is a blur the verifier scores near chance (docs/algorithms/preference.md, "Round 6").
 """
 
 from __future__ import annotations
