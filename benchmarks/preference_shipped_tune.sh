@@ -89,6 +89,7 @@ if [ "${ROUND:-1}" = 6 ]; then  # IPR at the window: step pairs of the policy's 
     "ipr-ro-t06 $IPR algorithm.step_score=rollout algorithm.step_reward=\"\" algorithm.t_min=0.6 epochs=22"
     "ipr-x0-t08 $IPR algorithm.t_min=0.8 epochs=9"
     "ipr-ro-t08-lr2e-4 $IPR algorithm.step_score=rollout algorithm.step_reward=\"\" algorithm.t_min=0.8 epochs=28 lr=2e-4"
+    "ipr-ro-t08-lr1e-4 $IPR algorithm.step_score=rollout algorithm.step_reward=\"\" algorithm.t_min=0.8 epochs=28 lr=1e-4"
   )
   SHIPPED=(dpo-t08 dpo-op-t08 dense-op-t08 adaptive-op-t06)
   COMPARE=dpo-op-t08
