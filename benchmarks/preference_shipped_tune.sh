@@ -11,7 +11,8 @@
 # Inversion-DPO at the window, compared with Diffusion-DPO at 0.8; round 5 trains on on-policy pairs (25 epochs of 64
 # prompts x 4 base samples, 1,600 pairs) at the window, compared with Diffusion-DPO on-policy at 0.8; round 6 trains
 # IPR on step pairs at the window (its candidates ranked on their predicted x0, or on their ODE continuation's
-# reward), about 1,600 step pairs a run, compared with Diffusion-DPO on-policy at 0.8.
+# reward), about 1,600 step pairs a run, compared with Diffusion-DPO on-policy at 0.8; round 7 trains BalancedDPO at
+# the window with the verifier's weight raised above its two proxies', compared with Diffusion-DPO at 0.8.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -94,6 +95,16 @@ if [ "${ROUND:-1}" = 6 ]; then  # IPR at the window: step pairs of the policy's 
   SHIPPED=(dpo-t08 dpo-op-t08 dense-op-t08 adaptive-op-t06)
   COMPARE=dpo-op-t08
   DATA_ARG=""
+fi
+if [ "${ROUND:-1}" = 7 ]; then  # BalancedDPO with the verifier weighted above its two proxies (file pairs, the window)
+  RUNS_LIST=(
+    "balanced-t08-w2 balanced_dpo_shapes algorithm.t_min=0.8 algorithm.metric_weights=[2,1,1]"
+    "balanced-t06-w2 balanced_dpo_shapes algorithm.t_min=0.6 algorithm.metric_weights=[2,1,1]"
+    "balanced-t08-w3 balanced_dpo_shapes algorithm.t_min=0.8 algorithm.metric_weights=[3,1,1]"
+    "balanced-t06-w3 balanced_dpo_shapes algorithm.t_min=0.6 algorithm.metric_weights=[3,1,1]"
+  )
+  SHIPPED=(dpo dpo-t06 dpo-t08 adaptive-t06 dense-t08-lr3e-5-b250-g08 balanced-t06 balanced-t08)
+  COMPARE=dpo-t08
 fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
