@@ -12,7 +12,8 @@
 # prompts x 4 base samples, 1,600 pairs) at the window, compared with Diffusion-DPO on-policy at 0.8; round 6 trains
 # IPR on step pairs at the window (its candidates ranked on their predicted x0, or on their ODE continuation's
 # reward), about 1,600 step pairs a run, compared with Diffusion-DPO on-policy at 0.8; round 7 trains BalancedDPO at
-# the window with the verifier's weight raised above its two proxies', compared with Diffusion-DPO at 0.8.
+# the window with the verifier's weight raised above its two proxies', compared with Diffusion-DPO at 0.8; round 8
+# trains PPD on the pairs file at the window (one annotator, the verifier, is its one user) and samples as that user.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -106,6 +107,16 @@ if [ "${ROUND:-1}" = 7 ]; then  # BalancedDPO with the verifier weighted above i
   SHIPPED=(dpo dpo-t06 dpo-t08 adaptive-t06 dense-t08-lr3e-5-b250-g08 balanced-t06 balanced-t08)
   COMPARE=dpo-t08
 fi
+PPD_USER=""
+if [ "${ROUND:-1}" = 8 ]; then  # PPD on the pairs file: its one annotator (reward:shapes) is the user, sampled as them
+  RUNS_LIST=(
+    "ppd-t08 ppd_file_shapes algorithm.t_min=0.8"
+    "ppd-t06 ppd_file_shapes algorithm.t_min=0.6"
+  )
+  SHIPPED=(dpo-t06 dpo-t08)
+  COMPARE=dpo-t08
+  PPD_USER=reward:shapes
+fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
 train() {
@@ -125,7 +136,10 @@ train() {
 runs_args() {
   args=()
   for m in "${SHIPPED[@]}"; do args+=(--run "$m=$RUNS/$m"); done
-  for spec in "${RUNS_LIST[@]}"; do read -r label _ <<< "$spec"; args+=(--run "$label=$RUNS/$label"); done
+  for spec in "${RUNS_LIST[@]}"; do
+    read -r label _ <<< "$spec"
+    if [ -n "$PPD_USER" ]; then args+=(--ppd "$label=$RUNS/$label:$PPD_USER"); else args+=(--run "$label=$RUNS/$label"); fi
+  done
 }
 
 select_() {  # the choice: training-split prompts only
