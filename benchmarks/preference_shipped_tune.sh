@@ -13,7 +13,8 @@
 # IPR on step pairs at the window (its candidates ranked on their predicted x0, or on their ODE continuation's
 # reward), about 1,600 step pairs a run, compared with Diffusion-DPO on-policy at 0.8; round 7 trains BalancedDPO at
 # the window with the verifier's weight raised above its two proxies', compared with Diffusion-DPO at 0.8; round 8
-# trains PPD on the pairs file at the window (one annotator, the verifier, is its one user) and samples as that user.
+# trains PPD on the pairs file at the window (one annotator, the verifier, is its one user) and samples as that user;
+# round 9 trains SmPO and InPO at t_min 0.8.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -116,6 +117,14 @@ if [ "${ROUND:-1}" = 8 ]; then  # PPD on the pairs file: its one annotator (rewa
   SHIPPED=(dpo-t06 dpo-t08)
   COMPARE=dpo-t08
   PPD_USER=reward:shapes
+fi
+if [ "${ROUND:-1}" = 9 ]; then  # SmPO and InPO at Diffusion-DPO's window (round 2 ran them at 0.6 only)
+  RUNS_LIST=(
+    "smpo-t08 smpo_shapes algorithm.t_min=0.8"
+    "inpo-t08 inpo_shapes algorithm.t_min=0.8"
+  )
+  SHIPPED=(dpo-t06 dpo-t08 smpo-t06 inpo-t06)
+  COMPARE=dpo-t08
 fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
