@@ -14,7 +14,7 @@
 # reward), about 1,600 step pairs a run, compared with Diffusion-DPO on-policy at 0.8; round 7 trains BalancedDPO at
 # the window with the verifier's weight raised above its two proxies', compared with Diffusion-DPO at 0.8; round 8
 # trains PPD on the pairs file at the window (one annotator, the verifier, is its one user) and samples as that user;
-# round 9 trains SmPO and InPO at t_min 0.8.
+# round 9 trains SmPO and InPO at t_min 0.8; round 10 repeats the two winners and Diffusion-DPO at training seed 1.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -125,6 +125,15 @@ if [ "${ROUND:-1}" = 9 ]; then  # SmPO and InPO at Diffusion-DPO's window (round
   )
   SHIPPED=(dpo-t06 dpo-t08 smpo-t06 inpo-t06)
   COMPARE=dpo-t08
+fi
+if [ "${ROUND:-1}" = 10 ]; then  # the two winners and Diffusion-DPO again, training seed 1 (pair order, t and noise)
+  RUNS_LIST=(
+    "dpo-t08-s1 dpo_shapes algorithm.t_min=0.8 seed=1"
+    "adaptive-t06-s1 adaptive_dpo_shapes algorithm.t_min=0.6 seed=1"
+    "dense-t08-s1 dense_reward_dpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=250 algorithm.gamma=0.8 seed=1"
+  )
+  SHIPPED=(dpo-t08 adaptive-t06 dense-t08-lr3e-5-b250-g08)
+  COMPARE=dpo-t08-s1
 fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
