@@ -14,7 +14,7 @@
 # reward), about 1,600 step pairs a run, compared with Diffusion-DPO on-policy at 0.8; round 7 trains BalancedDPO at
 # the window with the verifier's weight raised above its two proxies', compared with Diffusion-DPO at 0.8; round 8
 # trains PPD on the pairs file at the window (one annotator, the verifier, is its one user) and samples as that user;
-# round 9 trains SmPO and InPO at t_min 0.8; round 10 repeats the two winners and Diffusion-DPO at training seed 1.
+# round 9 trains SmPO and InPO at t_min 0.8; rounds 10 and 11 repeat the two winners and Diffusion-DPO at training seeds 1 and 2.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -134,6 +134,15 @@ if [ "${ROUND:-1}" = 10 ]; then  # the two winners and Diffusion-DPO again, trai
   )
   SHIPPED=(dpo-t08 adaptive-t06 dense-t08-lr3e-5-b250-g08)
   COMPARE=dpo-t08-s1
+fi
+if [ "${ROUND:-1}" = 11 ]; then  # and at training seed 2
+  RUNS_LIST=(
+    "dpo-t08-s2 dpo_shapes algorithm.t_min=0.8 seed=2"
+    "adaptive-t06-s2 adaptive_dpo_shapes algorithm.t_min=0.6 seed=2"
+    "dense-t08-s2 dense_reward_dpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=250 algorithm.gamma=0.8 seed=2"
+  )
+  SHIPPED=()
+  COMPARE=dpo-t08-s2
 fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
