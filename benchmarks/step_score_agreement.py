@@ -21,7 +21,8 @@ import torch
 
 from diffalign import rewards
 from diffalign.algorithms._policy_gradient import model_prediction_type, model_schedule
-from diffalign.core.parametrization import cond_cat, guided_prediction, to_x0_eps
+from diffalign.algorithms._step_credit import ode_complete, tweedie_x0
+from diffalign.core.parametrization import cond_cat, guided_prediction
 from diffalign.core.prompts import negative_prompts
 from diffalign.core.sampling import seeded_noise
 from diffalign.core.steps import get_step
@@ -44,15 +45,12 @@ def main() -> None:
     g, n = d["guidance_scale"], args.prompts
     prompts = sample_prompts(n, split="train", seed=args.seed)
     schedule, ptype = model_schedule(model), model_prediction_type(model)
-    sde, ode = get_step("flow_sde"), get_step(d["sampler"])
+    sde = get_step("flow_sde")
     ts = schedule.timesteps(d["num_steps"])
     cond, uncond = model.encode_prompts(prompts), model.encode_prompts(negative_prompts(prompts))
     cond2, uncond2 = cond_cat(cond, cond), cond_cat(uncond, uncond)
     verifier, soft = rewards.get("shapes"), rewards.get("shapes_soft")
     gen = torch.Generator().manual_seed(1)
-
-    def pred(x, t, c, u):
-        return guided_prediction(model, x, t.float().expand(len(x)), c, u, g)
 
     print(f"{args.model}: {n} train-split prompts, guidance {g}, two candidates per state (flow_sde, eta {args.eta})")
     print("| step | t -> t' | pairs whose final rewards differ | verifier(x0_hat) same order | tie | reversed "
@@ -62,17 +60,12 @@ def main() -> None:
         x = seeded_noise(model.sample_shape, list(range(n)), "cpu")
         for j in range(min(args.steps, len(ts) - 1)):
             t, t_prev = ts[j], ts[j + 1]
-            out = pred(x, t, cond, uncond)
+            out = guided_prediction(model, x, t.float().expand(n), cond, uncond, g)
             cand = sde(torch.cat([x, x]), torch.cat([out, out]), t, t_prev, eta=args.eta, generator=gen,
                        schedule=schedule, prediction_type=ptype).prev_sample
-            a, s = schedule.alpha_sigma(t_prev)
-            x0 = to_x0_eps(pred(cand, t_prev, cond2, uncond2), cand, a.float(), s.float(), ptype)[0]
-            x0_img = model.decode(x0).float()
+            x0_img = model.decode(tweedie_x0(model, cand, t_prev, cond2, uncond2, guidance_scale=g)).float()
             hard, smooth = verifier(x0_img, prompts * 2).view(2, n), soft(x0_img, prompts * 2).view(2, n)
-            y = cand
-            for k in range(j + 1, len(ts) - 1):
-                y = ode(y, pred(y, ts[k], cond2, uncond2), ts[k], ts[k + 1], schedule=schedule,
-                        prediction_type=ptype).prev_sample
+            y = ode_complete(model, cand, ts[j + 1:], cond2, uncond2, sampler=d["sampler"], guidance_scale=g)
             final = verifier(model.decode(y).float(), prompts * 2).view(2, n)
             sign = (final[0] - final[1]).sign()
             differ = sign != 0

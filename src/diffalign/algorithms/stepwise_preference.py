@@ -50,12 +50,11 @@ from ..config import check_choice, check_positive, check_range
 from ..core.parametrization import cond_cat, cond_index, guided_prediction, to_x0_eps
 from ..core.prompts import negative_prompts
 from ..core.sampling import seeded_noise
-from ..core.steps import SAMPLERS, ddim_step, get_step
+from ..core.steps import SAMPLERS, get_step
 from ._policy_gradient import model_prediction_type, model_schedule
 from ._rollout import reward_stats, rollout, safe_reward
+from ._step_credit import ode_complete
 from .preference import best_worst_pairs
-
-DETERMINISTIC = ddim_step  # at eta = 0: DDIM, and on a flow schedule the Euler step of the ODE
 
 
 def stepwise_dpo_loss(log_prob_w: Tensor, ref_log_prob_w: Tensor, log_prob_l: Tensor, ref_log_prob_l: Tensor,
@@ -255,15 +254,12 @@ class SPO(StepwisePreference):
 
     def rollout_scores(self, model, cand: Tensor, j: int, ts: Tensor, cond_k: Any, uncond_k: Any,
                        prompts: list[str]) -> tuple[Tensor, int]:
-        """``step_score: rollout``: the step reward of each candidate's deterministic continuation --
-        the DDIM step at ``eta = 0`` (the Euler step of the ODE on a flow schedule) at the policy's
-        guidance, from ``t[j + 1]`` to 0 -- and the failure count."""
-        schedule, ptype = model_schedule(model), model_prediction_type(model)
-        y = cand
-        for k in range(j + 1, len(ts) - 1):
-            out = guided_prediction(model, y, ts[k].float().expand(len(y)).to(y.device), cond_k, uncond_k,
-                                    self.cfg.guidance_scale)
-            y = DETERMINISTIC(y, out, ts[k], ts[k + 1], eta=0.0, schedule=schedule, prediction_type=ptype).prev_sample
+        """``step_score: rollout``: the step reward of each candidate's deterministic continuation (the
+        ODE counterpart of the sampler, at the policy's guidance, from ``t[j + 1]`` to 0) and the
+        failure count."""
+        cfg = self.cfg
+        y = ode_complete(model, cand, ts[j + 1:], cond_k, uncond_k, sampler=cfg.sampler,
+                         guidance_scale=cfg.guidance_scale, clip_sample=cfg.clip_sample)
         return safe_reward(self.step_reward, model.decode(y).float(), prompts)
 
     def pair_ok(self, gap: Tensor, t_prev: Tensor) -> Tensor:
@@ -323,7 +319,7 @@ class SPO(StepwisePreference):
             prompts=list(prompts), images=images.cpu(), rewards=final, cond=cond, uncond=uncond, t=ts,
             owner=cat["owner"], step=cat["step"], x_t_w=cat["x_t"], x_w=cat["x_w"], x_t_l=None, x_l=cat["x_l"],
             info={"reward_mean": r.mean().item() if len(r) else float("nan"), "pairs": float(len(cat["step"])),
-                  "step_score_gap": sum(gaps) / max(len(gaps), 1), "reward_failed": float(n_failed + failed)})
+                  "step_score_gap": sum(gaps) / len(gaps), "reward_failed": float(n_failed + failed)})
 
 
 PRESETS: dict[str, tuple[type, type, dict]] = {
