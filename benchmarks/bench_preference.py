@@ -3,8 +3,11 @@ time of trained runs against their base model, on the same held-out prompts and 
 
     python benchmarks/bench_preference.py --run dpo=runs/dpo --run kto=runs/kto --npo npo=runs/npo
 
-``--run LABEL=RUN_DIR`` evaluates ``RUN_DIR/final``; ``--npo LABEL=RUN_DIR`` evaluates the *base*
-model guided by ``RUN_DIR/final`` in the unconditional branch (Diffusion-NPO, Self-NPO);
+``--run LABEL=RUN_DIR`` evaluates ``RUN_DIR/final``; ``--npo LABEL=RUN_DIR`` evaluates the model the
+negative was trained from (the ``model`` of ``RUN_DIR/config.yaml``: the base, or e.g. a Diffusion-DPO
+run's ``final`` for Self-NPO on a preference-tuned model) guided by ``RUN_DIR/final`` in the
+unconditional branch (Diffusion-NPO, Self-NPO), and prints its accuracy paired against that model
+without the negative when that model is among the rows (the base, or a ``--run``);
 ``--ppd LABEL=RUN_DIR:USER`` evaluates ``RUN_DIR/final`` conditioned on user ``USER``'s embedding
 (personalised fine-tuning; the embeddings are read from the run's checkpoint). Wall time is the
 run's ``elapsed_s`` (training, without the final save) from ``RUN_DIR/metrics.jsonl``. Sampling:
@@ -61,6 +64,20 @@ def prompt_se(values: np.ndarray, prompts: int) -> float:
     return float(per_prompt.std(ddof=1) / np.sqrt(prompts))
 
 
+def npo_positive(run_dir: Path) -> str:
+    """The model a negative was trained from: ``model`` in the run's ``config.yaml``."""
+    import yaml
+
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise SystemExit(f"--npo: {run_dir} has no config.yaml naming the model its negative was trained from")
+    return str(yaml.safe_load(cfg_file.read_text())["model"])
+
+
+def same_model(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve() if Path(a).exists() and Path(b).exists() else str(a) == str(b)
+
+
 def ppd_model(run_dir: Path, user: str):
     from diffalign.algorithms import build_config
     from diffalign.algorithms.ppd import personalize
@@ -83,7 +100,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="shapes-flow")
     p.add_argument("--run", action="append", default=[], help="LABEL=RUN_DIR (evaluates RUN_DIR/final)")
-    p.add_argument("--npo", action="append", default=[], help="LABEL=RUN_DIR: base guided by RUN_DIR/final")
+    p.add_argument("--npo", action="append", default=[],
+                   help="LABEL=RUN_DIR: the model RUN_DIR was trained from, guided by RUN_DIR/final")
     p.add_argument("--ppd", action="append", default=[], help="LABEL=RUN_DIR:USER: RUN_DIR/final as user USER (the first colon splits)")
     p.add_argument("--compare", default="", help="label whose accuracy the others are compared with (paired)")
     p.add_argument("--metrics", default="", help="comma-separated rewards to report beside the verifier")
@@ -101,9 +119,16 @@ def main() -> None:
                 parse_runs(args.ppd, "--ppd").items()}
     base = load_model(args.base)
     models = {"base": base, **{k: load_model(d / "final") for k, d in runs.items()}}
-    negatives = {}
+    negatives, positives = {}, {}  # positives: npo label -> the row of the same model without the negative
     for label, d in npo_runs.items():
-        models[label] = base
+        source = npo_positive(d)
+        if same_model(source, args.base):
+            models[label], positives[label] = base, "base"
+        else:
+            match = [k for k, r in runs.items() if same_model(source, r / "final")]
+            models[label] = models[match[0]] if match else load_model(source)
+            if match:
+                positives[label] = match[0]
         negatives[label] = load_model(d / "final").eval()
     for label, (d, user) in ppd_runs.items():
         models[label] = ppd_model(d, user)
@@ -130,7 +155,7 @@ def main() -> None:
         win = vs.get("win_rate", {}).get("shapes")
         run = info.get(label)
         c = per_model[label]
-        cells = [label + (" (base + negative)" if label in negatives else "") + (" (as user)" if label in ppd_runs else ""),
+        cells = [label + (f" ({positives.get(label, 'its model')} + negative)" if label in negatives else "") + (" (as user)" if label in ppd_runs else ""),
                  f"{acc['overall']:.3f} ± {prompt_se(c, P):.3f}"]
         if args.compare:
             d = c - per_model[args.compare]
@@ -141,8 +166,12 @@ def main() -> None:
         cells += [f"{m['rewards'][r.name]['mean']:.4f} ± {m['rewards'][r.name]['stderr']:.4f}" for r in extra]
         cells.append("-" if run is None else f"{run['wall_s']} ({run['epochs']})")
         print("| " + " | ".join(cells) + " |")
+    for label, pos in positives.items():
+        d = per_model[label] - per_model[pos]
+        print(f"{label} (with its negative) - {pos} (without): {d.mean():+.3f} ± {prompt_se(d, P):.3f}")
     if args.out:
-        evaluator.save_eval({**result, "runs": info}, args.out)
+        correct = {k: v.tolist() for k, v in per_model.items()}  # per image, prompt-major: any pairing later
+        evaluator.save_eval({**result, "runs": info, "correct": correct}, args.out)
 
 
 if __name__ == "__main__":
