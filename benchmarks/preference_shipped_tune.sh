@@ -20,7 +20,9 @@
 # DPO's gain: Diffusion-DPO at t_min 0.8 with the beta that its discount gives on average (250 x 0.81 = 200), beta 125,
 # and at t_min 0.9; round 14 goes on down Diffusion-DPO's beta (125, the best of round 13, at training seeds 1 and 2;
 # 80; 50), trains Dense-reward DPO at the beta whose average discounted value is 125, and Self-NPO's negative for
-# Diffusion-DPO at beta 125, at each of the three training seeds.
+# Diffusion-DPO at beta 125, at each of the three training seeds; round 15 trains Self-NPO's negative for Diffusion-DPO
+# at beta 250 at training seeds 1 and 2, and again for beta 125 seed 2 with the negative's own training seed 1; round 16
+# trains Adaptive-DPO at Diffusion-DPO's new beta, at both windows.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -184,6 +186,23 @@ if [ "${ROUND:-1}" = 14 ]; then  # Diffusion-DPO's beta at the window, and Self-
     "selfnpo-dpo-t08-b125-s2 self_npo_shapes model=$RUNS/dpo-t08-b125-s2/final"
   )
   SHIPPED=(dpo-t08 dpo-t08-b125 dense-t08-lr3e-5-b250-g08)
+  COMPARE=dpo-t08-b125
+fi
+if [ "${ROUND:-1}" = 15 ]; then  # Self-NPO at more seeds: of Diffusion-DPO (beta 250) and of the negative itself
+  RUNS_LIST=(
+    "selfnpo-dpo-t08-s1 self_npo_shapes model=$RUNS/dpo-t08-s1/final"
+    "selfnpo-dpo-t08-s2 self_npo_shapes model=$RUNS/dpo-t08-s2/final"
+    "selfnpo-dpo-t08-b125-s2-n1 self_npo_shapes model=$RUNS/dpo-t08-b125-s2/final seed=1"
+  )
+  SHIPPED=(dpo-t08 dpo-t08-s1 dpo-t08-s2 dpo-t08-b125-s2)
+  COMPARE=dpo-t08
+fi
+if [ "${ROUND:-1}" = 16 ]; then  # Adaptive-DPO at beta 125, against Diffusion-DPO at its best (beta 125, t_min 0.8)
+  RUNS_LIST=(
+    "adaptive-t08-b125 adaptive_dpo_shapes algorithm.t_min=0.8 algorithm.beta=125"
+    "adaptive-t06-b125 adaptive_dpo_shapes algorithm.t_min=0.6 algorithm.beta=125"
+  )
+  SHIPPED=(dpo-t08-b125 adaptive-t06)
   COMPARE=dpo-t08-b125
 fi
 OUT=$RUNS/eval_tune${ROUND:-1}
