@@ -152,7 +152,6 @@ if [ "${ROUND:-1}" = 11 ]; then  # and at training seed 2
   SHIPPED=()
   COMPARE=dpo-t08-s2
 fi
-NPO_ROWS=""
 if [ "${ROUND:-1}" = 12 ]; then  # Self-NPO: no pairs; a negative for the base and one for Diffusion-DPO at t_min 0.8
   RUNS_LIST=(
     "selfnpo-base self_npo_shapes"
@@ -160,8 +159,6 @@ if [ "${ROUND:-1}" = 12 ]; then  # Self-NPO: no pairs; a negative for the base a
   )
   SHIPPED=(dpo-t08)
   COMPARE=dpo-t08
-  DATA_ARG=""
-  NPO_ROWS=1
 fi
 if [ "${ROUND:-1}" = 13 ]; then  # Dense-reward DPO's discount averages 0.81 over U[0.8, 1]: is its gain a lower beta?
   RUNS_LIST=(
@@ -227,9 +224,9 @@ runs_args() {
   args=()
   for m in "${SHIPPED[@]}"; do args+=(--run "$m=$RUNS/$m"); done
   for spec in "${RUNS_LIST[@]}"; do
-    read -r label _ <<< "$spec"
+    read -r label config _ <<< "$spec"
     if [ -n "$PPD_USER" ]; then args+=(--ppd "$label=$RUNS/$label:$PPD_USER")
-    elif [ -n "$NPO_ROWS" ] || [[ $label == selfnpo-* ]]; then args+=(--npo "$label=$RUNS/$label")
+    elif [ "$config" = self_npo_shapes ]; then args+=(--npo "$label=$RUNS/$label")  # scored with its negative
     else args+=(--run "$label=$RUNS/$label"); fi
   done
 }
