@@ -22,7 +22,8 @@
 # 80; 50), trains Dense-reward DPO at the beta whose average discounted value is 125, and Self-NPO's negative for
 # Diffusion-DPO at beta 125, at each of the three training seeds; round 15 trains Self-NPO's negative for Diffusion-DPO
 # at beta 250 at training seeds 1 and 2, and again for beta 125 seed 2 with the negative's own training seed 1; round 16
-# trains Adaptive-DPO at Diffusion-DPO's new beta, at both windows.
+# trains Adaptive-DPO at Diffusion-DPO's new beta, at both windows; round 17 trains the other pairs-file methods at
+# Diffusion-DPO's best setting (t_min 0.8, lr 3e-5, beta 125), each with the method's own choices of round 4-9 kept.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -116,15 +117,14 @@ if [ "${ROUND:-1}" = 7 ]; then  # BalancedDPO with the verifier weighted above i
   SHIPPED=(dpo dpo-t06 dpo-t08 adaptive-t06 dense-t08-lr3e-5-b250-g08 balanced-t06 balanced-t08)
   COMPARE=dpo-t08
 fi
-PPD_USER=""
-if [ "${ROUND:-1}" = 8 ]; then  # PPD on the pairs file: its one annotator (reward:shapes) is the user, sampled as them
+PPD_USER=reward:shapes  # PPD on the pairs file: its one annotator, the verifier, is the user its rows are sampled as
+if [ "${ROUND:-1}" = 8 ]; then  # PPD on the pairs file
   RUNS_LIST=(
     "ppd-t08 ppd_file_shapes algorithm.t_min=0.8"
     "ppd-t06 ppd_file_shapes algorithm.t_min=0.6"
   )
   SHIPPED=(dpo-t06 dpo-t08)
   COMPARE=dpo-t08
-  PPD_USER=reward:shapes
 fi
 if [ "${ROUND:-1}" = 9 ]; then  # SmPO and InPO at Diffusion-DPO's window (round 2 ran them at 0.6 only)
   RUNS_LIST=(
@@ -202,6 +202,20 @@ if [ "${ROUND:-1}" = 16 ]; then  # Adaptive-DPO at beta 125, against Diffusion-D
   SHIPPED=(dpo-t08-b125 adaptive-t06)
   COMPARE=dpo-t08-b125
 fi
+if [ "${ROUND:-1}" = 17 ]; then  # the rest at Diffusion-DPO's best (t_min 0.8, lr 3e-5, beta 125); LANES=2 alternate,
+  # the longest runs first: lane 0 takes the 1st, 3rd, ... entry
+  RUNS_LIST=(
+    "inversion-t08-b125 inversion_dpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=125"
+    "smpo-t08-lr3e-5 smpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=125"
+    "sdpo-t08-b125 sdpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=125"
+    "inpo-t08-lr3e-5 inpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=125"
+    "balanced-t08-w3-b125 balanced_dpo_shapes algorithm.t_min=0.8 algorithm.metric_weights=[3,1,1] algorithm.beta=125"
+    "dcpo-t08-b125 dcpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=125"
+    "ppd-t08-b125 ppd_file_shapes algorithm.t_min=0.8 algorithm.beta=125"
+  )
+  SHIPPED=(dpo-t08-b125)
+  COMPARE=dpo-t08-b125
+fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
 train() {
@@ -225,7 +239,7 @@ runs_args() {
   for m in "${SHIPPED[@]}"; do args+=(--run "$m=$RUNS/$m"); done
   for spec in "${RUNS_LIST[@]}"; do
     read -r label config _ <<< "$spec"
-    if [ -n "$PPD_USER" ]; then args+=(--ppd "$label=$RUNS/$label:$PPD_USER")
+    if [ "$config" = ppd_file_shapes ]; then args+=(--ppd "$label=$RUNS/$label:$PPD_USER")
     elif [ "$config" = self_npo_shapes ]; then args+=(--npo "$label=$RUNS/$label")  # scored with its negative
     else args+=(--run "$label=$RUNS/$label"); fi
   done
