@@ -23,7 +23,9 @@
 # Diffusion-DPO at beta 125, at each of the three training seeds; round 15 trains Self-NPO's negative for Diffusion-DPO
 # at beta 250 at training seeds 1 and 2, and again for beta 125 seed 2 with the negative's own training seed 1; round 16
 # trains Adaptive-DPO at Diffusion-DPO's new beta, at both windows; round 17 trains the other pairs-file methods at
-# Diffusion-DPO's best setting (t_min 0.8, lr 3e-5, beta 125), each with the method's own choices of round 4-9 kept.
+# Diffusion-DPO's best setting (t_min 0.8, lr 3e-5, beta 125), each with the method's own choices of round 4-9 kept;
+# round 18 tries the other side for those that fell at it: beta 125 at their own rate 1e-5 (Inversion-DPO, DCPO),
+# beta 250 at 1e-5 (SmPO, InPO, whose beta was 125 already), and SDPO's safeguard between off (mu 0.5) and 0.9.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -212,6 +214,17 @@ if [ "${ROUND:-1}" = 17 ]; then  # the rest at Diffusion-DPO's best (t_min 0.8, 
     "balanced-t08-w3-b125 balanced_dpo_shapes algorithm.t_min=0.8 algorithm.metric_weights=[3,1,1] algorithm.beta=125"
     "dcpo-t08-b125 dcpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=125"
     "ppd-t08-b125 ppd_file_shapes algorithm.t_min=0.8 algorithm.beta=125"
+  )
+  SHIPPED=(dpo-t08-b125)
+  COMPARE=dpo-t08-b125
+fi
+if [ "${ROUND:-1}" = 18 ]; then  # the other side for the round-17 runs that fell; LANES=2 alternate, longest first
+  RUNS_LIST=(
+    "inversion-t08-lr1e-5-b125 inversion_dpo_shapes algorithm.t_min=0.8 algorithm.beta=125"
+    "smpo-t08-b250 smpo_shapes algorithm.t_min=0.8 algorithm.beta=250"
+    "inpo-t08-b250 inpo_shapes algorithm.t_min=0.8 algorithm.beta=250"
+    "sdpo-t08-b125-mu07 sdpo_shapes algorithm.t_min=0.8 lr=3e-5 algorithm.beta=125 algorithm.mu=0.7"
+    "dcpo-t08-lr1e-5-b125 dcpo_shapes algorithm.t_min=0.8 algorithm.beta=125"
   )
   SHIPPED=(dpo-t08-b125)
   COMPARE=dpo-t08-b125
