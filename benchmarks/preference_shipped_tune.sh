@@ -25,7 +25,8 @@
 # trains Adaptive-DPO at Diffusion-DPO's new beta, at both windows; round 17 trains the other pairs-file methods at
 # Diffusion-DPO's best setting (t_min 0.8, lr 3e-5, beta 125), each with the method's own choices of round 4-9 kept;
 # round 18 tries the other side for those that fell at it: beta 125 at their own rate 1e-5 (Inversion-DPO, DCPO),
-# beta 250 at 1e-5 (SmPO, InPO, whose beta was 125 already), and SDPO's safeguard between off (mu 0.5) and 0.9.
+# beta 250 at 1e-5 (SmPO, InPO, whose beta was 125 already), and SDPO's safeguard between off (mu 0.5) and 0.9;
+# round 19 repeats round 5's on-policy pair of Diffusion-DPO and Plackett-Luce ranking DPO at beta 125.
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -228,6 +229,14 @@ if [ "${ROUND:-1}" = 18 ]; then  # the other side for the round-17 runs that fel
   )
   SHIPPED=(dpo-t08-b125)
   COMPARE=dpo-t08-b125
+fi
+if [ "${ROUND:-1}" = 19 ]; then  # on-policy (round 5) at Diffusion-DPO's best beta: Diffusion-DPO and ranking DPO
+  RUNS_LIST=(
+    "dpo-op-t08-b125 dpo_shapes algorithm.source=reference algorithm.data=\"\" epochs=25 algorithm.t_min=0.8 algorithm.beta=125"
+    "ranking-op-t08-b125 ranking_dpo_shapes algorithm.data=\"\" epochs=25 algorithm.t_min=0.8 algorithm.beta=125"
+  )
+  SHIPPED=(dpo-op-t08 ranking-op-t08)
+  COMPARE=dpo-op-t08-b125
 fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
