@@ -27,6 +27,8 @@
 # round 18 tries the other side for those that fell at it: beta 125 at their own rate 1e-5 (Inversion-DPO, DCPO),
 # beta 250 at 1e-5 (SmPO, InPO, whose beta was 125 already), and SDPO's safeguard between off (mu 0.5) and 0.9;
 # round 19 repeats round 5's on-policy pair of Diffusion-DPO and Plackett-Luce ranking DPO at beta 125.
+# ROUND=summary (file pairs) and ROUND=summary-op (on-policy) train nothing: after rounds 1-19 they score each
+# method's train-split choice in one evaluation, the table of docs/algorithms/preference.md, "Summary".
 #
 #   RUNS=runs/pref-shipped [ROUND=2] bash benchmarks/preference_shipped_tune.sh [train|select|heldout|all]
 #   LANES=2 LANE=0|1 ... train    # two one-thread lanes (each its own lock), every other run
@@ -238,6 +240,18 @@ if [ "${ROUND:-1}" = 19 ]; then  # on-policy (round 5) at Diffusion-DPO's best b
   SHIPPED=(dpo-op-t08 ranking-op-t08)
   COMPARE=dpo-op-t08-b125
 fi
+if [ "${ROUND:-1}" = summary ]; then  # after rounds 1-19, nothing to train: each method at its train-split choice
+  # (the highest train-split accuracy among its training-seed-0 runs on the pairs file), in one evaluation
+  RUNS_LIST=()
+  SHIPPED=(dpo-t08-b125 dense-t08-b155-g08 adaptive-t06 sdpo-t08-b125-mu07 balanced-t08-w3-b125 ppd-t08-b125
+           smpo-t08-lr3e-5 inpo-t08-b250 inversion-t08-lr3e-5 dcpo-t08 selfnpo-dpo-t08-b125)
+  COMPARE=dpo-t08-b125
+fi
+if [ "${ROUND:-1}" = summary-op ]; then  # the same for the on-policy runs (rounds 5, 6, 19; 1,600 pairs)
+  RUNS_LIST=()
+  SHIPPED=(dpo-op-t08-b125 ranking-op-t08-b125 dense-op-t08 adaptive-op-t06 ipr-ro-t06)
+  COMPARE=dpo-op-t08-b125
+fi
 OUT=$RUNS/eval_tune${ROUND:-1}
 
 train() {
@@ -256,14 +270,18 @@ train() {
   done
 }
 
-runs_args() {
+method_of() { sed -n 's/^method: *//p' "$RUNS/$1/config.yaml" 2>/dev/null; }
+
+runs_args() {  # each run scored as its method needs: PPD as its user, Self-NPO guided by its negative
   args=()
-  for m in "${SHIPPED[@]}"; do args+=(--run "$m=$RUNS/$m"); done
-  for spec in "${RUNS_LIST[@]}"; do
-    read -r label config _ <<< "$spec"
-    if [ "$config" = ppd_file_shapes ]; then args+=(--ppd "$label=$RUNS/$label:$PPD_USER")
-    elif [ "$config" = self_npo_shapes ]; then args+=(--npo "$label=$RUNS/$label")  # scored with its negative
-    else args+=(--run "$label=$RUNS/$label"); fi
+  local labels=("${SHIPPED[@]}") label
+  for spec in "${RUNS_LIST[@]}"; do read -r label _ <<< "$spec"; labels+=("$label"); done
+  for label in "${labels[@]}"; do
+    case "$(method_of "$label")" in
+      ppd) args+=(--ppd "$label=$RUNS/$label:$PPD_USER") ;;
+      self_npo) args+=(--npo "$label=$RUNS/$label") ;;
+      *) args+=(--run "$label=$RUNS/$label") ;;
+    esac
   done
 }
 
