@@ -39,6 +39,7 @@ LANE=${LANE:-0}
 [ "$LANES" -gt 1 ] && LOCK=${LOCK:-/tmp/diffalign-cpu.lock.$LANE}
 source "$(dirname "$0")/_runs.sh"
 PAIRS=$RUNS/pairs
+PPD_USER=reward:shapes  # PPD on the pairs file: its one annotator, the verifier, is the user its rows are sampled as
 # label config overrides...
 RUNS_LIST=(
   "dpo-t06 dpo_shapes algorithm.t_min=0.6"
@@ -122,7 +123,6 @@ if [ "${ROUND:-1}" = 7 ]; then  # BalancedDPO with the verifier weighted above i
   SHIPPED=(dpo dpo-t06 dpo-t08 adaptive-t06 dense-t08-lr3e-5-b250-g08 balanced-t06 balanced-t08)
   COMPARE=dpo-t08
 fi
-PPD_USER=reward:shapes  # PPD on the pairs file: its one annotator, the verifier, is the user its rows are sampled as
 if [ "${ROUND:-1}" = 8 ]; then  # PPD on the pairs file
   RUNS_LIST=(
     "ppd-t08 ppd_file_shapes algorithm.t_min=0.8"
